@@ -1,0 +1,187 @@
+"""The composition root: :func:`create_app` builds and owns every collaborator."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import tempfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import orjson
+from aiocache import BaseCache, Cache
+from aiohttp import web
+
+from . import routes
+from .collapse import Flights
+from .config import Config
+from .metadata import Metadata
+from .metrics import Metrics
+from .middleware import PUBLIC_URL, Htpasswd, make_middlewares
+from .oci import MANIFEST_TYPES, MAX_MANIFEST_BYTES, OCTET_STREAM, Digest
+from .pullthrough import Evictor, PullThrough
+from .storage import BlobStore
+from .tasks import TaskOwner
+from .upstream import UpstreamClient
+
+log = logging.getLogger("edgecache.app")
+
+CONFIG = web.AppKey("config", Config)
+METRICS = web.AppKey("metrics", Metrics)
+TASKS = web.AppKey("tasks", TaskOwner)
+STATE = web.AppKey("state", "AppState")
+
+TOUCH_FLUSH_SECONDS = 2.0
+
+
+class AppState:
+    """Mutable runtime state: draining flag, collaborators built at startup."""
+
+    def __init__(self) -> None:
+        self.draining = False
+        self.metadata: Metadata | None = None
+        self.store: BlobStore | None = None
+        self.clients: dict[str, UpstreamClient] = {}
+        self.policy: PullThrough | None = None
+        self.flights: Flights | None = None
+
+
+def make_cache(redis_url: str | None, namespace: str) -> BaseCache:
+    """An aiocache TTL cache: in memory, or Redis when state is shared across nodes."""
+    if redis_url:
+        return Cache.from_url(f"{redis_url}{'&' if '?' in redis_url else '?'}namespace={namespace}")
+    return Cache(Cache.MEMORY, namespace=namespace)
+
+
+def create_app(config: Config) -> web.Application:
+    metrics = Metrics()
+    htpasswd = Htpasswd(config.server.htpasswd) if config.server.htpasswd else None
+    app = web.Application(
+        middlewares=make_middlewares(metrics, config.server.allow_cidrs, htpasswd, config.server.access_log),
+        client_max_size=64 * 1024, handler_args={"max_field_size": 16384, "max_line_size": 16384})
+    app[CONFIG] = config
+    app[METRICS] = metrics
+    app[TASKS] = TaskOwner()
+    app[STATE] = AppState()
+    app[PUBLIC_URL] = (config.server.public_url or "").rstrip("/")
+    app.cleanup_ctx.append(_lifecycle)
+    routes.add_routes(app)
+    return app
+
+
+async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
+    config, state, tasks, metrics = app[CONFIG], app[STATE], app[TASKS], app[METRICS]
+    cache_dir = Path(config.cache.dir)
+    store = BlobStore(cache_dir)
+    await asyncio.get_running_loop().run_in_executor(None, store.create_dirs)
+    metadata = Metadata(cache_dir / "index")
+    await metadata.open()
+    await _recover(store, metadata)
+    tokens = make_cache(config.redis_url, "tokens")
+    access = make_cache(None, "access")  # credential confirmations stay in this process's memory
+    clients = {u.name: UpstreamClient(u, tokens, metrics.on_upstream) for u in config.upstreams}
+    for c in clients.values():
+        await c.start()
+    flights = Flights(tasks.spawn)
+    evictor = Evictor(store, metadata, metrics, config.cache.max_size, config.cache.high_watermark,
+                      config.cache.low_watermark, tasks.spawn)
+    policy = PullThrough(store, metadata, flights, access, metrics, evictor)
+    state.store, state.metadata, state.clients, state.policy, state.flights = store, metadata, clients, policy, flights
+
+    async def readiness() -> list[str]:
+        return await _readiness(state, store)
+
+    def refresh() -> None:
+        for c in clients.values():
+            if c.ratelimit_remaining is not None:
+                metrics.ratelimit_remaining.labels(c.name).set(c.ratelimit_remaining)
+
+    app[routes.CTX] = routes.EdgeContext(routes.Router(clients), policy, metrics, readiness, refresh)
+    tasks.spawn(_flush_touches(metadata), "flush-touches")
+    tasks.spawn(evictor.evict(0), "evict-startup")
+    log.info("edgecache ready: cache %s, %d upstreams", cache_dir, len(clients))
+    try:
+        yield
+    finally:
+        state.draining = True
+        await tasks.drain("flight:", config.server.shutdown_timeout)
+        await tasks.close()
+        for c in clients.values():
+            await c.close()
+        await tokens.close()
+        await access.close()
+        await metadata.close()
+
+
+async def _flush_touches(metadata: Metadata) -> None:
+    while True:
+        await asyncio.sleep(TOUCH_FLUSH_SECONDS)
+        try:
+            await metadata.flush_touches()
+        except Exception:  # the index may be briefly locked by another worker; try again next round
+            log.exception("flushing access times failed")
+
+
+async def _recover(store: BlobStore, metadata: Metadata) -> None:
+    """On start: drop leftover partials, reconcile index and files (DESIGN §2 Store)."""
+    loop = asyncio.get_running_loop()
+    removed = await loop.run_in_executor(None, store.clean_tmp)
+    files = await loop.run_in_executor(None, lambda: [(str(d), s) for d, s in store.walk()])
+
+    def adopt(digest: str, size: int) -> str | None:
+        """A file without an entry: keep it only if it still hashes to its name."""
+        d = Digest.parse(digest)
+        h = d.hasher()
+        with open(store.path(d), "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+        if h.hexdigest() != d.hex:
+            store.remove(d)
+            return None
+        return _sniff_media_type(store.path(d), size)
+
+    dropped, adopted = await metadata.reconcile(files, adopt)
+    if removed or dropped or adopted:
+        log.info("recovered cache: %d partial files removed, %d entries dropped, %d files adopted",
+                 removed, dropped, adopted)
+
+
+def _sniff_media_type(path: Path, size: int) -> str:
+    """An adopted file is a manifest if it is a small JSON document naming a manifest media type."""
+    if size <= MAX_MANIFEST_BYTES:
+        try:
+            doc = orjson.loads(path.read_bytes())
+        except (orjson.JSONDecodeError, OSError):
+            return OCTET_STREAM
+        if isinstance(doc, dict) and doc.get("mediaType") in MANIFEST_TYPES:
+            return str(doc["mediaType"])
+    return OCTET_STREAM
+
+
+async def _readiness(state: AppState, store: BlobStore) -> list[str]:
+    problems = []
+    if state.draining:
+        problems.append("draining")
+    if state.metadata is None or not state.metadata.is_open:
+        problems.append("index not open")
+
+    def writable() -> bool:
+        try:
+            with tempfile.NamedTemporaryFile(dir=store.tmp, prefix=".ready-"):
+                return True
+        except OSError:
+            return False
+
+    if not await asyncio.get_running_loop().run_in_executor(None, writable):
+        problems.append("cache directory not writable")
+    return problems
+
+
+def drain(app: web.Application) -> None:
+    """Mark the app as draining (SIGTERM): readiness turns false."""
+    app[STATE].draining = True
+
+
+def cache_stats(app: web.Application) -> dict[str, int]:
+    return {"flights": len(app[STATE].flights or []), "tasks": len(app[TASKS]), "pid": os.getpid()}

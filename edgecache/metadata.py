@@ -1,0 +1,247 @@
+"""The cache index (diskcache): what is stored, who may read it, what tags point at.
+
+Records, keyed by strings built from validated values:
+
+* entries: ``<digest>`` → :class:`Entry` (size, media type, last access);
+* links: ``l|<upstream>|<repo>|<digest>``: the upstream showed this digest in
+  that repository (a blob is only served under a repository it belongs to);
+* visibility: ``v|<upstream>|<repo>`` → ``public`` | ``private`` (DESIGN §4);
+* tags: ``t|<upstream>|<repo>|<tag>|<accept>`` → :class:`TagEntry`;
+* negative: ``n|<upstream>|<repo>|<ref>`` → expiry time of a remembered 404.
+
+diskcache is SQLite underneath and safe across worker processes. Every call
+here blocks; the async :class:`Metadata` facade runs them on a private executor
+and keeps a small in-memory front for the hit path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import diskcache
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    size: int
+    media_type: str
+    atime: float
+
+
+@dataclass(frozen=True, slots=True)
+class TagEntry:
+    digest: str
+    media_type: str
+    size: int
+    fetched_at: float  # when upstream last confirmed it
+
+
+class Metadata:
+    """Async facade over the diskcache index."""
+
+    def __init__(self, directory: str | Path, clock: Callable[[], float] = time.time) -> None:
+        self._dir = Path(directory)
+        self._clock = clock
+        self._executor = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="metadata")
+        self._entries: diskcache.Cache | None = None
+        self._meta: diskcache.Cache | None = None
+        self._front: dict[str, Entry] = {}
+        self._links: set[str] = set()
+        self._touched: dict[str, float] = {}
+        self.is_open = False
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def open(self) -> None:
+        await self._run(self._open)
+        self.is_open = True
+
+    def _open(self) -> None:
+        # No size limit and no culling: eviction is driven by our own LRU (DESIGN §3).
+        opts: dict[str, Any] = {"size_limit": 2**62, "cull_limit": 0, "eviction_policy": "none", "timeout": 60}
+        self._entries = diskcache.Cache(str(self._dir / "entries"), **opts)
+        self._meta = diskcache.Cache(str(self._dir / "meta"), **opts)
+
+    async def close(self) -> None:
+        if self.is_open:
+            await self.flush_touches()
+            await self._run(self._close)
+            self.is_open = False
+        self._executor.shutdown(wait=True)
+
+    def _close(self) -> None:
+        assert self._entries is not None and self._meta is not None
+        self._entries.close()
+        self._meta.close()
+
+    @property
+    def entries(self) -> diskcache.Cache:
+        assert self._entries is not None
+        return self._entries
+
+    @property
+    def meta(self) -> diskcache.Cache:
+        assert self._meta is not None
+        return self._meta
+
+    # entries ---------------------------------------------------------------
+    async def get_entry(self, digest: str) -> Entry | None:
+        entry = self._front.get(digest)
+        if entry is not None:
+            return entry
+        raw = await self._run(self.entries.get, digest)
+        if raw is None:
+            return None
+        entry = Entry(**raw)
+        self._front[digest] = entry
+        return entry
+
+    async def put_entry(self, digest: str, size: int, media_type: str) -> None:
+        entry = Entry(size, media_type, self._clock())
+        self._front[digest] = entry
+        await self._run(self._put_entry, digest, entry)
+
+    def _put_entry(self, digest: str, entry: Entry) -> None:
+        with self.entries.transact():
+            old = self.entries.get(digest)
+            self.entries.set(digest, asdict(entry))
+            if old is None:
+                self.meta.incr("total_bytes", entry.size)
+
+    async def drop_entry(self, digest: str) -> None:
+        self._front.pop(digest, None)
+        self._touched.pop(digest, None)
+        await self._run(self._drop_entry, digest)
+
+    def _drop_entry(self, digest: str) -> None:
+        with self.entries.transact():
+            old = self.entries.pop(digest, None)
+            if old is not None:
+                self.meta.decr("total_bytes", old["size"])
+
+    def forget_front(self, digest: str) -> None:
+        self._front.pop(digest, None)
+
+    def touch(self, digest: str) -> None:
+        """Record an access; written in batches by :meth:`flush_touches` (LRU order)."""
+        self._touched[digest] = self._clock()
+
+    async def flush_touches(self) -> None:
+        if not self._touched:
+            return
+        batch, self._touched = self._touched, {}
+        await self._run(self._flush, batch)
+
+    def _flush(self, batch: dict[str, float]) -> None:
+        with self.entries.transact():
+            for digest, at in batch.items():
+                raw = self.entries.get(digest)
+                if raw is not None:
+                    raw["atime"] = max(raw["atime"], at)
+                    self.entries.set(digest, raw)
+
+    async def total_bytes(self) -> int:
+        return int(await self._run(self.meta.get, "total_bytes", 0))
+
+    async def lru(self) -> list[tuple[str, Entry]]:
+        """Every entry, least recently used first."""
+        await self.flush_touches()
+        return await self._run(self._lru)
+
+    def _lru(self) -> list[tuple[str, Entry]]:
+        items = [(k, Entry(**self.entries[k])) for k in self.entries.iterkeys() if k in self.entries]
+        items.sort(key=lambda kv: kv[1].atime)
+        return items
+
+    async def reconcile(self, files: Iterable[tuple[str, int]], adopt: Callable[[str, int], str | None]) -> tuple[int, int]:
+        """Make the index match the files: drop entries without a file, adopt or reject files without an entry."""
+        return await self._run(self._reconcile, list(files), adopt)
+
+    def _reconcile(self, files: list[tuple[str, int]], adopt: Callable[[str, int], str | None]) -> tuple[int, int]:
+        on_disk = dict(files)
+        dropped = adopted = 0
+        for key in list(self.entries.iterkeys()):
+            if key not in on_disk:
+                self.entries.pop(key, None)
+                dropped += 1
+        for digest, size in on_disk.items():
+            if digest not in self.entries:
+                media_type = adopt(digest, size)
+                if media_type is not None:
+                    self.entries.set(digest, asdict(Entry(size, media_type, self._clock())))
+                    adopted += 1
+        total = sum(raw["size"] for raw in (self.entries.get(k) for k in self.entries.iterkeys()) if raw)
+        self.meta.set("total_bytes", total)
+        return dropped, adopted
+
+    # links and visibility --------------------------------------------------------
+    async def has_link(self, upstream: str, repo: str, digest: str) -> bool:
+        key = f"l|{upstream}|{repo}|{digest}"
+        if key in self._links:
+            return True
+        found = bool(await self._run(self.meta.get, key, False))
+        if found:
+            self._links.add(key)
+        return found
+
+    async def add_link(self, upstream: str, repo: str, digest: str) -> None:
+        key = f"l|{upstream}|{repo}|{digest}"
+        if key not in self._links:
+            self._links.add(key)
+            await self._run(self.meta.set, key, True)
+
+    async def visibility(self, upstream: str, repo: str) -> str | None:
+        value = await self._run(self.meta.get, f"v|{upstream}|{repo}")
+        return value if isinstance(value, str) else None
+
+    async def set_visibility(self, upstream: str, repo: str, value: str) -> None:
+        await self._run(self.meta.set, f"v|{upstream}|{repo}", value)
+
+    # tags and negative answers ----------------------------------------------------
+    async def get_tag(self, key: str) -> TagEntry | None:
+        raw = await self._run(self.meta.get, "t|" + key)
+        return TagEntry(**raw) if isinstance(raw, dict) else None
+
+    async def set_tag(self, key: str, entry: TagEntry) -> None:
+        await self._run(self.meta.set, "t|" + key, asdict(entry))
+
+    async def purge(self, prefix: str) -> int:
+        """Drop tag, negative, link and visibility records whose key starts with ``prefix`` (after the kind)."""
+        self._links.clear()
+        return await self._run(self._purge, prefix)
+
+    def _purge(self, prefix: str) -> int:
+        n = 0
+        for key in list(self.meta.iterkeys()):
+            if isinstance(key, str) and key[:2] in ("t|", "n|", "v|", "l|") and key[2:].startswith(prefix):
+                self.meta.pop(key, None)
+                n += 1
+        return n
+
+    async def get_negative(self, key: str) -> bool:
+        expiry = await self._run(self.meta.get, "n|" + key)
+        return isinstance(expiry, float) and expiry > self._clock()
+
+    async def set_negative(self, key: str, ttl: float) -> None:
+        await self._run(self.meta.set, "n|" + key, self._clock() + ttl)
+
+    async def clear_negative(self, key: str) -> None:
+        await self._run(self.meta.pop, "n|" + key, None)
+
+    async def count_entries(self) -> int:
+        return int(await self._run(len, self.entries))
+
+    async def incr(self, key: str, delta: int = 1) -> None:
+        await self._run(self.meta.incr, f"s|{key}", delta)
+
+    async def counters(self) -> dict[str, int]:
+        return await self._run(lambda: {k[2:]: int(self.meta[k]) for k in self.meta.iterkeys() if str(k).startswith("s|")})

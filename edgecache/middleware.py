@@ -1,0 +1,182 @@
+"""Edge middleware: client access control, OCI error rendering, access log, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import ipaddress
+import logging
+import secrets
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+
+import bcrypt
+from aiohttp import web
+
+from . import errors
+from .log import access_log, request_id
+from .metrics import Metrics
+
+log = logging.getLogger("edgecache.edge")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def render_error(request: web.Request, err: errors.OCIError) -> web.Response:
+    headers = {"Content-Type": "application/json", "Docker-Distribution-API-Version": "registry/2.0",
+               "X-Cache": request.get("cache", "MISS"), **err.headers}
+    challenge = getattr(err, "challenge", None)
+    if err.status == 401 and challenge is not None and "WWW-Authenticate" not in headers:
+        upstream, scope = challenge
+        base = request.app[PUBLIC_URL] or f"{request.scheme}://{request.host}"
+        value = f'Bearer realm="{base}/_edgecache/token/{upstream}",service="edgecache"'
+        if scope:
+            value += f',scope="{scope}"'
+        headers["WWW-Authenticate"] = value
+    body = b"" if request.method == "HEAD" else err.body()
+    resp = web.Response(status=err.status, body=body, headers=headers)
+    if request.method == "HEAD":
+        resp.headers["Content-Length"] = str(len(err.body()))
+    return resp
+
+
+PUBLIC_URL = web.AppKey("public_url", str)
+
+
+class Htpasswd:
+    """bcrypt htpasswd file (``user:$2y$...``), the format ``htpasswd -B`` writes."""
+
+    def __init__(self, path: str) -> None:
+        self.users: dict[str, bytes] = {}
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                user, sep, hashed = line.strip().partition(":")
+                if sep and hashed.startswith("$2"):
+                    self.users[user] = hashed.replace("$2y$", "$2b$", 1).encode()
+
+    def check(self, header: str | None) -> bool:
+        if not header or not header.lower().startswith("basic "):
+            return False
+        try:
+            user, _, password = base64.b64decode(header[6:].strip()).decode().partition(":")
+        except (ValueError, UnicodeDecodeError):
+            return False
+        hashed = self.users.get(user)
+        if hashed is None:
+            bcrypt.checkpw(b"x", bcrypt.hashpw(b"y", bcrypt.gensalt(4)))  # even out timing
+            return False
+        return bcrypt.checkpw(password.encode(), hashed)
+
+
+def make_middlewares(metrics: Metrics, allow_cidrs: tuple[str, ...], htpasswd: Htpasswd | None,
+                     access_logging: bool) -> list[Callable[..., Awaitable[web.StreamResponse]]]:
+    networks = [ipaddress.ip_network(c, strict=False) for c in allow_cidrs]
+    auth_cache: dict[str, bool] = {}
+
+    @web.middleware
+    async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
+        rid = request.headers.get("X-Request-Id", "")
+        rid = rid if rid.isalnum() and len(rid) <= 64 else uuid.uuid4().hex[:16]
+        token = request_id.set(rid)
+        started = time.monotonic()
+        status = 500
+        try:
+            try:
+                _check_client(request, networks, htpasswd, auth_cache)
+                resp = await handler(request)
+            except errors.OCIError as e:
+                request["error"] = e.code
+                resp = render_error(request, e)
+            except web.HTTPException as e:
+                if e.status >= 400:
+                    resp = render_error(request, _http_error(e))
+                else:
+                    raise
+            except asyncio.CancelledError:
+                status = 499  # client went away
+                raise
+            except Exception as e:  # a bug: still answer OCI JSON, log the traceback once
+                log.exception("unhandled error on %s %s", request.method, request.path[:200])
+                request["error"] = type(e).__name__
+                err = errors.OCIError("internal error")
+                resp = render_error(request, err)
+            status = resp.status
+            resp.headers["X-Request-Id"] = rid
+            if request.path.startswith("/v2") and "X-Cache" not in resp.headers:
+                resp.headers["X-Cache"] = request.get("cache", "MISS")
+            return resp
+        finally:
+            seconds = time.monotonic() - started
+            api = request.get("api")
+            route = api.route if api is not None else _route_of(request)
+            metrics.requests.labels(route, request.method, str(status)).inc()
+            metrics.request_seconds.labels(route).observe(seconds)
+            outcome = request.get("cache")
+            if outcome is not None and api is not None and api.kind.value in ("manifest", "blob") and status < 400:
+                metrics.outcomes.labels(outcome.lower()).inc()
+            if access_logging:
+                _access(request, route, status, seconds)
+            request_id.reset(token)
+
+    return [edge]
+
+
+def _route_of(request: web.Request) -> str:
+    info = request.match_info.route.resource
+    if info is None:
+        return "unmatched"
+    canonical = info.canonical
+    return canonical if not canonical.startswith("/v2") else "/v2/invalid"
+
+
+def _http_error(e: web.HTTPException) -> errors.OCIError:
+    if e.status == 404:
+        return errors.NotFound("not found")
+    if e.status == 405:
+        return errors.Unsupported("method not allowed")
+    err = errors.OCIError(e.reason)
+    err.status = e.status
+    err.code = "UNSUPPORTED" if e.status < 500 else "UNKNOWN"
+    return err
+
+
+def _check_client(request: web.Request, networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network],
+                  htpasswd: Htpasswd | None, cache: dict[str, bool]) -> None:
+    if request.path in ("/healthz", "/readyz"):
+        return
+    if networks:
+        peer = request.remote or ""
+        try:
+            addr = ipaddress.ip_address(peer)
+        except ValueError:
+            raise errors.Denied("client address not allowed") from None
+        if not any(addr in n for n in networks):
+            raise errors.Denied("client address not allowed")
+    if htpasswd is not None:
+        header = request.headers.get("Authorization", "")
+        key = secrets.compare_digest and header
+        ok = cache.get(key)
+        if ok is None:
+            ok = htpasswd.check(header)
+            if len(cache) > 1024:
+                cache.clear()
+            cache[key] = ok
+        if not ok:
+            raise errors.Unauthorized("mirror credentials required", headers={"WWW-Authenticate": 'Basic realm="edgecache"'})
+
+
+def _access(request: web.Request, route: str, status: int, seconds: float) -> None:
+    api = request.get("api")
+    access_log.info("", extra={"access": {
+        "method": request.method,
+        "route": route,
+        "repository": request.get("repository"),
+        "reference": str(api.reference) if api is not None and api.reference is not None else None,
+        "status": status,
+        "bytes": request.get("bytes", 0),
+        "duration_ms": round(seconds * 1000, 3),
+        "cache": request.get("cache"),
+        "upstream": request.get("upstream"),
+        "error": request.get("error"),
+        "remote": request.remote,
+    }})

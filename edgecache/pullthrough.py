@@ -1,0 +1,586 @@
+"""The pull-through policy: hit, miss, stale, negative, collapse and tenancy checks.
+
+The ``local`` side is the blob store plus the metadata index; the ``remote``
+side is the upstream client. The edge (routes) calls only this module. See
+DESIGN.md §2 (Policy, Flight) and §4 (tenancy).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from aiocache import BaseCache
+
+from . import errors, oci
+from .collapse import Flight, Flights, RemoteFlight, SingleFlight, Source, State
+from .config import UpstreamConfig
+from .metadata import Metadata, TagEntry
+from .metrics import Metrics
+from .oci import Digest
+from .storage import BlobStore, FillInfo
+from .upstream import Credential, UpstreamClient, UpstreamResponse
+
+log = logging.getLogger("edgecache.pullthrough")
+T = TypeVar("T")
+
+CHUNK_WRITE = 1 << 20
+MAX_RESUMES = 3
+# A Range that starts this far past the download position is fetched directly.
+DIRECT_RANGE_GAP = 64 << 20
+
+
+class Outcome(enum.Enum):
+    HIT = "HIT"
+    MISS = "MISS"
+    STALE = "STALE"
+    COLLAPSED = "COLLAPSED"
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where a request goes: the upstream, its repository name there, the client's credential."""
+
+    upstream: UpstreamClient
+    repo: str
+    credential: Credential
+
+    @property
+    def cfg(self) -> UpstreamConfig:
+        return self.upstream.cfg
+
+    @property
+    def scope(self) -> str:
+        return f"repository:{self.repo}:pull"
+
+
+@dataclass(slots=True)
+class ManifestResult:
+    digest: str
+    media_type: str
+    data: bytes
+    outcome: Outcome
+
+
+@dataclass(slots=True)
+class BlobResult:
+    digest: str
+    size: int | None
+    media_type: str
+    outcome: Outcome
+    path: Path | None = None  # committed file: serve with sendfile
+    source: Source | None = None  # fill in progress: serve spans as they land
+    open_partial: Callable[[], Awaitable[int]] | None = None
+    release: Callable[[], None] = field(default=lambda: None)
+
+
+def unauthorized(target: Target, message: str = "authentication required") -> errors.OCIError:
+    err = errors.Unauthorized(message, detail={"upstream": target.upstream.name, "repository": target.repo})
+    err.challenge = (target.upstream.name, target.scope)  # type: ignore[attr-defined]
+    return err
+
+
+def upstream_failure(resp: UpstreamResponse, target: Target, kind: oci.Kind, ref: str) -> errors.OCIError:
+    """Map an upstream status to the OCI error the client sees."""
+    detail = {"upstream": target.upstream.name, "repository": target.repo, "reference": ref}
+    if resp.status == 401:
+        return unauthorized(target)
+    if resp.status == 403:
+        return errors.Denied("access denied by upstream", detail=detail)
+    if resp.status == 404:
+        if kind is oci.Kind.BLOB:
+            return errors.BlobUnknown("blob unknown to upstream", detail=detail)
+        return errors.ManifestUnknown("manifest unknown to upstream", detail=detail)
+    if resp.status == 429:
+        headers = {"Retry-After": resp.headers["Retry-After"]} if "Retry-After" in resp.headers else {}
+        return errors.TooManyRequests(f"upstream {target.upstream.name} rate limit", detail=detail, headers=headers)
+    return errors.UpstreamError(f"upstream {target.upstream.name} answered {resp.status}", detail=detail)
+
+
+class PullThrough:
+    """The policy over a local store and remote upstreams."""
+
+    def __init__(self, store: BlobStore, metadata: Metadata, flights: Flights, access: BaseCache,
+                 metrics: Metrics, evictor: "Evictor", clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.metadata = metadata
+        self.flights = flights
+        self.access = access  # (upstream, repo, credential key) -> confirmed, with a TTL
+        self.metrics = metrics
+        self.evictor = evictor
+        self.clock = clock
+        self._io = asyncio.get_running_loop
+        self._tags: SingleFlight[ManifestResult] = SingleFlight()
+        self._manifests: SingleFlight[ManifestResult] = SingleFlight()
+        self._probes: SingleFlight[bool] = SingleFlight()
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
+    # tenancy ------------------------------------------------------------------
+    async def _remember_access(self, target: Target, path: str) -> None:
+        """After an upstream success with ``target``'s credential: record visibility and access."""
+        up, repo = target.upstream.name, target.repo
+        if target.cfg.auth != "passthrough":
+            return
+        cred = target.upstream.effective_credential(target.credential)
+        await self.access.set(f"{up}|{repo}|{cred.key}", True, ttl=int(target.cfg.access_ttl))
+        known = await self.metadata.visibility(up, repo)
+        if cred.anonymous:
+            if known != "public":
+                await self.metadata.set_visibility(up, repo, "public")
+            return
+        if known is None:
+            public = await self._probes.do(f"{up}|{repo}", lambda: self._probe_public(target, path))
+            await self.metadata.set_visibility(up, repo, "public" if public else "private")
+
+    async def _probe_public(self, target: Target, path: str) -> bool:
+        """Would an anonymous client be let in? One HEAD per repository, remembered."""
+        from .upstream import ANONYMOUS  # local: the sentinel, not a second client
+
+        anon = Target(target.upstream, target.repo, ANONYMOUS)
+        try:
+            resp = await anon.upstream.request("HEAD", path, scope=anon.scope, credential=ANONYMOUS)
+        except errors.OCIError:
+            return False
+        resp.release()
+        return resp.status == 200
+
+    async def authorize_cached(self, target: Target, kind: oci.Kind, digest: str, accept: str | None = None) -> None:
+        """Decide whether ``target`` may read cached ``digest``, asking upstream only when we must."""
+        up, repo = target.upstream.name, target.repo
+        path = f"/v2/{repo}/{'blobs' if kind is oci.Kind.BLOB else 'manifests'}/{digest}"
+        linked = await self.metadata.has_link(up, repo, digest)
+        if linked and target.cfg.auth != "passthrough":
+            return
+        if linked:
+            visibility = await self.metadata.visibility(up, repo)
+            if visibility == "public":
+                return
+            cred = target.upstream.effective_credential(target.credential)
+            if await self.access.get(f"{up}|{repo}|{cred.key}"):
+                return
+            if cred.anonymous and visibility == "private":
+                raise unauthorized(target)
+        headers = {"Accept": accept} if accept else {}
+        resp = await target.upstream.request("HEAD", path, scope=target.scope, credential=target.credential,
+                                             headers=headers)
+        resp.release()
+        if resp.status != 200:
+            raise upstream_failure(resp, target, kind, digest)
+        await self.metadata.add_link(up, repo, digest)
+        await self._remember_access(target, path)
+
+    # manifests ------------------------------------------------------------------
+    async def manifest(self, target: Target, ref: oci.Reference, accept: str) -> ManifestResult:
+        if ref.digest is not None:
+            return await self._manifest_by_digest(target, ref.digest, accept)
+        assert ref.tag is not None
+        return await self._manifest_by_tag(target, ref.tag, accept)
+
+    async def _cached_manifest(self, digest: str) -> tuple[bytes, str] | None:
+        entry = await self.metadata.get_entry(digest)
+        if entry is None:
+            return None
+        data = await self._run(self.store.read, Digest.parse(digest))
+        if data is None:
+            await self.metadata.drop_entry(digest)
+            return None
+        self.metadata.touch(digest)
+        return data, entry.media_type
+
+    async def _manifest_by_digest(self, target: Target, digest: Digest, accept: str) -> ManifestResult:
+        cached = await self._cached_manifest(str(digest))
+        if cached is not None:
+            await self.authorize_cached(target, oci.Kind.MANIFEST, str(digest), accept)
+            return ManifestResult(str(digest), cached[1], cached[0], Outcome.HIT)
+        key = f"{target.upstream.name}|{target.repo}|{digest}|{target.credential.key}"
+        collapsed = self._manifests.in_flight(key)
+        result = await self._manifests.do(key, lambda: self._fetch_manifest(target, str(digest), accept, digest))
+        return ManifestResult(result.digest, result.media_type, result.data,
+                              Outcome.COLLAPSED if collapsed else Outcome.MISS)
+
+    async def _fetch_manifest(self, target: Target, ref: str, accept: str, expect: Digest | None) -> ManifestResult:
+        """GET a manifest upstream, verify it, store it; raises the mapped OCI error otherwise."""
+        path = f"/v2/{target.repo}/manifests/{ref}"
+        neg_key = f"{target.upstream.name}|{target.repo}|{ref}"
+        if await self.metadata.get_negative(neg_key):
+            raise errors.ManifestUnknown("manifest unknown (cached upstream 404)",
+                                         detail={"upstream": target.upstream.name, "reference": ref})
+        headers = {"Accept": accept} if accept else {}
+        resp = await target.upstream.request("GET", path, scope=target.scope, credential=target.credential,
+                                             headers=headers)
+        try:
+            if resp.status != 200:
+                if resp.status == 404:
+                    await self.metadata.set_negative(neg_key, target.cfg.negative_ttl)
+                raise upstream_failure(resp, target, oci.Kind.MANIFEST, ref)
+            data = await resp.read(oci.MAX_MANIFEST_BYTES)
+            media_type = resp.headers.get("Content-Type", oci.OCI_MANIFEST).split(";")[0].strip()
+            header_digest = resp.headers.get("Docker-Content-Digest")
+        finally:
+            resp.release()
+        digest = self._verify_manifest(target, data, expect, header_digest)
+        await self._run(self.store.write_verified, digest, data)
+        await self.metadata.put_entry(str(digest), len(data), media_type)
+        await self.metadata.add_link(target.upstream.name, target.repo, str(digest))
+        await self._remember_access(target, path)
+        self.evictor.kick()
+        return ManifestResult(str(digest), media_type, data, Outcome.MISS)
+
+    def _verify_manifest(self, target: Target, data: bytes, expect: Digest | None, header: str | None) -> Digest:
+        algo = expect.algorithm if expect else "sha256"
+        if expect is None and header:
+            try:
+                algo = Digest.parse(header).algorithm
+            except errors.OCIError:
+                pass
+        actual = Digest.of(data, algo)
+        for wanted in (expect, _maybe_digest(header)):
+            if wanted is not None and wanted.algorithm == algo and wanted != actual:
+                raise errors.DigestMismatch(f"upstream {target.upstream.name} sent a manifest that does not match "
+                                            f"its digest", detail={"expected": str(wanted), "actual": str(actual)})
+        return actual
+
+    def _tag_key(self, target: Target, tag: str, accept: str) -> str:
+        return f"{target.upstream.name}|{target.repo}|{tag}|{oci.accept_key(accept)}"
+
+    async def _manifest_by_tag(self, target: Target, tag: str, accept: str) -> ManifestResult:
+        key = self._tag_key(target, tag, accept)
+        entry = await self.metadata.get_tag(key)
+        now = self.clock()
+        pinned = target.cfg.pinned_tags and any(
+            __import__("fnmatch").fnmatchcase(f"{target.repo}:{tag}", p) for p in target.cfg.pinned_tags)
+        if entry is not None and (pinned or now - entry.fetched_at < target.cfg.ttl_for(target.repo, tag)):
+            cached = await self._cached_manifest(entry.digest)
+            if cached is not None:
+                await self.authorize_cached(target, oci.Kind.MANIFEST, entry.digest, accept)
+                return ManifestResult(entry.digest, cached[1], cached[0], Outcome.HIT)
+        flight_key = f"{key}|{target.credential.key}"
+        collapsed = self._tags.in_flight(flight_key)
+        result = await self._tags.do(flight_key, lambda: self._revalidate_tag(target, tag, accept, key, entry))
+        if collapsed and result.outcome is not Outcome.STALE:
+            return ManifestResult(result.digest, result.media_type, result.data, Outcome.COLLAPSED)
+        return result
+
+    async def _revalidate_tag(self, target: Target, tag: str, accept: str, key: str,
+                              entry: TagEntry | None) -> ManifestResult:
+        try:
+            if entry is not None:
+                fresh = await self._head_tag(target, tag, accept, entry)
+                if fresh is not None:
+                    return fresh
+            result = await self._fetch_manifest(target, tag, accept, None)
+        except (errors.UpstreamError, errors.TooManyRequests) as e:
+            stale = await self._stale(target, tag, entry, e)
+            if stale is None:
+                raise
+            return stale
+        await self.metadata.set_tag(key, TagEntry(result.digest, result.media_type, len(result.data), self.clock()))
+        return result
+
+    async def _head_tag(self, target: Target, tag: str, accept: str, entry: TagEntry) -> ManifestResult | None:
+        """Revalidate with one HEAD (free against Docker Hub's pull limit); None when it changed."""
+        resp = await target.upstream.request("HEAD", f"/v2/{target.repo}/manifests/{tag}", scope=target.scope,
+                                             credential=target.credential, headers={"Accept": accept} if accept else {})
+        resp.release()
+        if resp.status != 200:
+            raise upstream_failure(resp, target, oci.Kind.MANIFEST, tag)
+        if resp.headers.get("Docker-Content-Digest") != entry.digest:
+            return None
+        cached = await self._cached_manifest(entry.digest)
+        if cached is None:
+            return None
+        await self.metadata.set_tag(self._tag_key(target, tag, accept),
+                                    TagEntry(entry.digest, entry.media_type, entry.size, self.clock()))
+        await self.metadata.add_link(target.upstream.name, target.repo, entry.digest)
+        await self._remember_access(target, f"/v2/{target.repo}/manifests/{tag}")
+        return ManifestResult(entry.digest, cached[1], cached[0], Outcome.MISS)
+
+    async def _stale(self, target: Target, tag: str, entry: TagEntry | None, why: Exception) -> ManifestResult | None:
+        if entry is None or self.clock() - entry.fetched_at > target.cfg.ttl_for(target.repo, tag) + target.cfg.max_stale:
+            return None
+        cached = await self._cached_manifest(entry.digest)
+        if cached is None:
+            return None
+        await self.authorize_cached_offline(target, entry.digest)
+        log.warning("serving stale tag %s/%s:%s (%s): %s", target.upstream.name, target.repo, tag,
+                    entry.digest, why)
+        return ManifestResult(entry.digest, cached[1], cached[0], Outcome.STALE)
+
+    async def authorize_cached_offline(self, target: Target, digest: str) -> None:
+        """With upstream down, serve only what this credential was already shown (public, or confirmed)."""
+        if target.cfg.auth != "passthrough":
+            return
+        up, repo = target.upstream.name, target.repo
+        if await self.metadata.visibility(up, repo) == "public":
+            return
+        cred = target.upstream.effective_credential(target.credential)
+        if not await self.access.get(f"{up}|{repo}|{cred.key}"):
+            raise unauthorized(target, "upstream unavailable and this credential is not confirmed")
+
+    # blobs ------------------------------------------------------------------------
+    async def blob(self, target: Target, digest: Digest, head: bool) -> BlobResult:
+        key = str(digest)
+        entry = await self.metadata.get_entry(key)
+        if entry is not None:
+            path = self.store.path(digest)
+            try:
+                await self.authorize_cached(target, oci.Kind.BLOB, key)
+            except errors.UpstreamUnavailable:
+                await self.authorize_cached_offline(target, key)
+            self.metadata.touch(key)
+            return BlobResult(key, entry.size, oci.OCTET_STREAM, Outcome.HIT, path=path)
+        if head:
+            return await self._head_blob(target, digest)
+        flight = self.flights.get(key)
+        if flight is not None:
+            return await self._follow(target, flight, digest)
+        return await self._lead_or_follow_remote(target, digest)
+
+    async def _head_blob(self, target: Target, digest: Digest) -> BlobResult:
+        resp = await target.upstream.request("HEAD", f"/v2/{target.repo}/blobs/{digest}", scope=target.scope,
+                                             credential=target.credential)
+        resp.release()
+        if resp.status != 200:
+            raise upstream_failure(resp, target, oci.Kind.BLOB, str(digest))
+        length = resp.headers.get("Content-Length")
+        return BlobResult(str(digest), int(length) if length and length.isdigit() else None,
+                          oci.OCTET_STREAM, Outcome.MISS)
+
+    async def _follow(self, target: Target, flight: Flight, digest: Digest) -> BlobResult:
+        up, repo, cred_key = flight.origin
+        same = up == target.upstream.name and repo == target.repo
+        if not (same and (target.cfg.auth != "passthrough" or cred_key == target.credential.key)):
+            await self.authorize_cached(target, oci.Kind.BLOB, str(digest))
+        await flight.wait_ready()
+        return self._flight_result(flight, digest, Outcome.COLLAPSED)
+
+    def _flight_result(self, flight: Flight, digest: Digest, outcome: Outcome) -> BlobResult:
+        flight.readers += 1
+
+        def release() -> None:
+            flight.readers -= 1
+
+        return BlobResult(str(digest), flight.size, oci.OCTET_STREAM, outcome, source=flight,
+                          open_partial=lambda: self._run(self._open_fill, digest), release=release)
+
+    def _open_fill(self, digest: Digest) -> int:
+        """Open the growing file, or the committed one if the fill already finished."""
+        fd = self.store.open_partial(digest)
+        if fd is not None:
+            return fd
+        try:
+            return os.open(self.store.path(digest), os.O_RDONLY)
+        except FileNotFoundError:
+            raise errors.UpstreamError("download failed", detail={"digest": str(digest)}) from None
+
+    async def _lead_or_follow_remote(self, target: Target, digest: Digest) -> BlobResult:
+        lock = self.store.lock(digest)
+        if await self._run(lock.try_acquire):
+            size = await self._run(self.store.size, digest)
+            if size is not None:  # committed meanwhile (another worker), verified before its rename
+                await self._run(lock.release)
+                if await self.metadata.get_entry(str(digest)) is None:
+                    await self.metadata.put_entry(str(digest), size, oci.OCTET_STREAM)
+                return await self.blob(target, digest, head=False)
+            origin = (target.upstream.name, target.repo, target.credential.key)
+            flight = self.flights.start(str(digest), origin, lambda f: self._download(f, target, digest, lock))
+            self.metrics.flights.inc()
+            await flight.wait_ready()
+            return self._flight_result(flight, digest, Outcome.MISS)
+        return await self._follow_remote(target, digest, lock)
+
+    async def _follow_remote(self, target: Target, digest: Digest, lock: Any) -> BlobResult:
+        """Another worker process downloads this digest: tail its partial file."""
+        deadline = time.monotonic() + target.cfg.connect_timeout + target.cfg.read_timeout
+        delay = 0.001
+        while True:
+            info = await self._run(self.store.fill_info, digest)
+            fd = await self._run(self.store.open_partial, digest) if info else None
+            if info is not None and fd is not None:
+                break
+            if await self.metadata.get_entry(str(digest)) is not None or await self._run(self.store.size, digest):
+                self.metadata.forget_front(str(digest))
+                return await self.blob(target, digest, head=False)
+            if await self._run(lock.try_acquire):  # the other worker gave up before starting
+                await self._run(lock.release)
+                return await self._lead_or_follow_remote(target, digest)
+            if time.monotonic() > deadline:
+                raise errors.UpstreamUnavailable("timed out waiting for another worker's download")
+            await asyncio.sleep(delay)
+            delay = min(0.02, delay * 2)
+        await self.authorize_cached(target, oci.Kind.BLOB, str(digest))
+        final = self.store.path(digest)
+
+        def probe() -> tuple[int, bool]:
+            st = os.fstat(fd)
+            if st.st_nlink == 0:
+                return st.st_size, False
+            try:
+                committed = os.stat(final).st_ino == st.st_ino
+            except FileNotFoundError:
+                committed = False
+            if committed:
+                return st.st_size, True
+            # Hold back the last byte until the writer verified and committed it.
+            if lock.try_acquire():
+                lock.release()
+                return min(st.st_size, max(0, info.size - 1)), False
+            return min(st.st_size, max(0, info.size - 1)), True
+
+        source = RemoteFlight(info.size, lambda: self._run(probe))
+
+        async def reopen() -> int:
+            return await self._run(os.dup, fd)
+
+        return BlobResult(str(digest), info.size, oci.OCTET_STREAM, Outcome.COLLAPSED, source=source,
+                          open_partial=reopen, release=lambda: os.close(fd))
+
+    async def _download(self, flight: Flight, target: Target, digest: Digest, lock: Any) -> None:
+        """The app-owned fill: GET once, tee into the partial file while hashing, verify, commit."""
+        key = str(digest)
+        fd: int | None = None
+        try:
+            resp = await target.upstream.request("GET", f"/v2/{target.repo}/blobs/{digest}", scope=target.scope,
+                                                 credential=target.credential)
+            if resp.status != 200:
+                resp.release()
+                flight.fail(upstream_failure(resp, target, oci.Kind.BLOB, key))
+                return
+            length = resp.headers.get("Content-Length")
+            size = int(length) if length and length.isdigit() else None
+            await self.metadata.add_link(target.upstream.name, target.repo, key)
+            await self._remember_access(target, f"/v2/{target.repo}/blobs/{digest}")
+            if size is not None:
+                await self.evictor.make_room(size)
+            fd = await self._run(self.store.begin_fill, digest, FillInfo(size or 0, oci.OCTET_STREAM))
+            flight.start(size, oci.OCTET_STREAM)
+            hasher = digest.hasher()
+            await self._stream_body(flight, target, digest, resp, fd, hasher, size)
+            if (size is not None and flight.written != size) or hasher.hexdigest() != digest.hex:
+                raise errors.DigestMismatch(f"upstream {target.upstream.name} sent bytes that do not match "
+                                            f"{digest}", detail={"digest": key, "received": flight.written})
+            await self._run(os.fsync, fd)
+            await self._run(self.store.commit_fill, digest)
+            await self.metadata.put_entry(key, flight.written, oci.OCTET_STREAM)
+            flight.size = flight.written
+            flight.finish()
+            self.evictor.kick()
+        except Exception as e:
+            log.warning("download of %s from %s failed: %s", key, target.upstream.name, e)
+            await self._run(self.store.abort_fill, digest)
+            flight.fail(e)
+        except BaseException as e:  # cancelled at shutdown
+            await asyncio.shield(self._run(self.store.abort_fill, digest))
+            flight.fail(errors.ServiceUnavailable("shutting down"))
+            raise
+        finally:
+            if fd is not None:
+                await self._run(os.close, fd)
+            await self._run(lock.release)
+            self.metrics.flights.dec()
+
+    async def _stream_body(self, flight: Flight, target: Target, digest: Digest, resp: UpstreamResponse,
+                           fd: int, hasher: "hashlib._Hash", size: int | None) -> None:
+        """Copy the body to the file; on an interrupted body resume with Range where the upstream allows."""
+        resumes = 0
+        while True:
+            try:
+                await self._copy(flight, target, resp, fd, hasher)
+                return
+            except errors.UpstreamError:
+                if size is None or flight.written >= size or resumes >= MAX_RESUMES:
+                    raise
+            finally:
+                resp.release()
+            resumes += 1
+            log.info("resuming %s from byte %d (attempt %d)", digest, flight.written, resumes)
+            resp = await target.upstream.request("GET", f"/v2/{target.repo}/blobs/{digest}", scope=target.scope,
+                                                 credential=target.credential,
+                                                 headers={"Range": f"bytes={flight.written}-"})
+            if resp.status != 206 or not resp.headers.get("Content-Range", "").startswith(f"bytes {flight.written}-"):
+                resp.release()
+                raise errors.UpstreamError(f"upstream {target.upstream.name} cannot resume {digest}")
+
+    async def _copy(self, flight: Flight, target: Target, resp: UpstreamResponse, fd: int,
+                    hasher: "hashlib._Hash") -> None:
+        counter = self.metrics.upstream_bytes.labels(target.upstream.name)
+        async for chunk in resp.iter_chunks():
+            await self._run(_write_all, fd, chunk, hasher)
+            counter.inc(len(chunk))
+            flight.advance(len(chunk))
+
+
+def _write_all(fd: int, data: bytes, hasher: "hashlib._Hash") -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+    hasher.update(data)
+
+
+def _maybe_digest(text: str | None) -> Digest | None:
+    if not text:
+        return None
+    try:
+        return Digest.parse(text)
+    except errors.OCIError:
+        return None
+
+
+class Evictor:
+    """LRU eviction driven from the index (diskcache's own culling only governs its own values)."""
+
+    def __init__(self, store: BlobStore, metadata: Metadata, metrics: Metrics, max_size: int,
+                 high: float, low: float, spawn: Callable[..., Any]) -> None:
+        self.store, self.metadata, self.metrics = store, metadata, metrics
+        self.max_size = max_size
+        self.high, self.low = int(max_size * high), int(max_size * low)
+        self._spawn = spawn
+        self._lock = asyncio.Lock()
+        self._reserved = 0
+        self._kicked = False
+
+    def kick(self) -> None:
+        """Check the budget in the background after a commit."""
+        if not self._kicked:
+            self._kicked = True
+            self._spawn(self._evict_task(), "evict")
+
+    async def _evict_task(self) -> None:
+        self._kicked = False
+        await self.evict(0)
+
+    async def make_room(self, incoming: int) -> None:
+        """Before a fill: evict so that usage plus the new blob stays under the budget."""
+        await self.evict(incoming)
+
+    async def evict(self, incoming: int) -> int:
+        async with self._lock:
+            total = await self.metadata.total_bytes()
+            self.metrics.cache_bytes.set(total)
+            if total + incoming <= self.high:
+                return 0
+            target = max(0, self.low - incoming)
+            freed = 0
+            for digest, entry in await self.metadata.lru():
+                if total - freed <= target:
+                    break
+                await self.metadata.drop_entry(digest)
+                await asyncio.get_running_loop().run_in_executor(None, self.store.remove, Digest.parse(digest))
+                freed += entry.size
+                self.metrics.evictions.inc()
+                self.metrics.evicted_bytes.inc(entry.size)
+            self.metrics.cache_bytes.set(total - freed)
+            if freed:
+                log.info("evicted %d bytes (usage %d, budget %d)", freed, total - freed, self.max_size)
+            return freed

@@ -1,0 +1,421 @@
+"""The HTTP edge: parse and validate, route to an upstream, answer from the policy.
+
+The only module (with :mod:`edgecache.middleware`) that uses ``aiohttp.web``.
+Nothing below it sees a raw path: requests become :class:`~edgecache.oci.ApiPath`
+values and a :class:`~edgecache.pullthrough.Target`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import urlencode
+
+import orjson
+from aiohttp import web
+
+from . import errors, oci
+from .collapse import FlightFailed
+from .pullthrough import BlobResult, Outcome, PullThrough, Target
+from .upstream import Credential, UpstreamClient
+
+# containerd's ns= is a registry host, optionally with a port.
+_NS_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?)*(?::[0-9]{1,5})?")
+_MEDIA_TYPE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}")
+_PASSED_HEADERS = ("Content-Type", "Link", "OCI-Filters-Applied", "Docker-Content-Digest")
+SPAN_READ = 1 << 20
+
+API_VERSION = {"Docker-Distribution-API-Version": "registry/2.0"}
+
+
+class Router:
+    """Chooses the upstream: ``?ns=``, then a path prefix, then the default (DESIGN §2 Routing)."""
+
+    def __init__(self, clients: Mapping[str, UpstreamClient]) -> None:
+        self.clients = dict(clients)
+        self.by_ns = {ns: c for c in clients.values() for ns in c.cfg.namespaces}
+        self.by_prefix = {c.cfg.prefix: c for c in clients.values() if c.cfg.prefix}
+        self.default = next((c for c in clients.values() if c.cfg.default), None)
+
+    def upstream_for(self, ns: str | None, name: str) -> tuple[UpstreamClient, str]:
+        """The upstream and the repository name there; unknown keys dial nothing."""
+        if ns is not None:
+            if _NS_RE.fullmatch(ns) is None:
+                raise errors.NameInvalid("invalid ns parameter", detail={"ns": ns[:200]})
+            client = self.by_ns.get(ns)
+            if client is None:
+                raise errors.NameUnknown(f"namespace {ns!r} is not configured on this mirror", detail={"ns": ns})
+        else:
+            first, sep, rest = name.partition("/")
+            client = self.by_prefix.get(first) if sep else None
+            if client is not None:
+                name = rest
+            elif self.default is not None:
+                client = self.default
+            else:
+                raise errors.NameUnknown(f"no upstream for {name!r}: no ns, no known prefix and no default upstream",
+                                         detail={"name": name})
+        if client.cfg.library_prefix and "/" not in name:
+            name = "library/" + name
+        return client, name
+
+    def upstream_for_base(self, ns: str | None, name: str | None = None) -> UpstreamClient | None:
+        if ns is not None:
+            return self.upstream_for(ns, "x")[0]
+        if name and name in self.by_prefix:
+            return self.by_prefix[name]
+        return self.default
+
+
+def target_for(request: web.Request, router: Router, api: oci.ApiPath) -> Target:
+    client, repo = router.upstream_for(request.query.get("ns"), api.name)
+    request["upstream"] = client.name
+    request["repository"] = repo
+    check_policy(client, repo)
+    credential = Credential.from_header(request.headers.get("Authorization"))
+    return Target(client, repo, credential)
+
+
+def check_policy(client: UpstreamClient, repo: str) -> None:
+    """Allow and deny rules (DESIGN §5b), decided before any upstream request."""
+    import fnmatch
+
+    for pattern in client.cfg.deny:
+        if fnmatch.fnmatchcase(repo, pattern):
+            raise errors.Denied(f"repository {repo!r} is denied by rule deny={pattern!r} of upstream {client.name}",
+                                detail={"rule": f"deny:{pattern}"})
+    if client.cfg.allow and not any(fnmatch.fnmatchcase(repo, p) for p in client.cfg.allow):
+        raise errors.Denied(f"repository {repo!r} is not in the allow list of upstream {client.name}",
+                            detail={"rule": "allow"})
+
+
+def _common_headers(request: web.Request, target: Target, outcome: Outcome) -> dict[str, str]:
+    request["cache"] = outcome.value
+    h = {"X-Cache": outcome.value, **API_VERSION}
+    if target.cfg.namespaces:
+        h["OCI-Namespace"] = target.cfg.namespaces[0]
+    return h
+
+
+async def handle_v2(request: web.Request) -> web.StreamResponse:
+    """Every ``/v2/...`` request."""
+    api = oci.parse_path(request.raw_path.split("?", 1)[0])
+    request["api"] = api
+    if request.method not in ("GET", "HEAD"):
+        raise errors.Unsupported("this mirror serves the pull API only (GET and HEAD)")
+    ctx = request.app[CTX]
+    if api.kind is oci.Kind.BASE:
+        return await _base(request, ctx)
+    target = target_for(request, ctx.router, api)
+    if api.kind is oci.Kind.MANIFEST:
+        return await _manifest(request, ctx.policy, target, api)
+    if api.kind is oci.Kind.BLOB:
+        assert api.digest is not None
+        return await _blob(request, ctx.policy, target, api.digest)
+    if api.kind is oci.Kind.TAGS:
+        return await _passthrough(request, target, f"/v2/{target.repo}/tags/list", _tags_query(request))
+    assert api.digest is not None
+    return await _passthrough(request, target, f"/v2/{target.repo}/referrers/{api.digest}", _referrers_query(request))
+
+
+async def _base(request: web.Request, ctx: "EdgeContext") -> web.StreamResponse:
+    """``/v2/``: 200, or the passthrough challenge pointing at our token endpoint."""
+    client = ctx.router.upstream_for_base(request.query.get("ns"))
+    request["cache"] = Outcome.MISS.value
+    headers = {"X-Cache": "MISS", **API_VERSION}
+    if (client is not None and client.cfg.auth == "passthrough" and "Authorization" not in request.headers
+            and await client.challenge_params()):
+        err = errors.Unauthorized("authentication required", detail={"upstream": client.name})
+        err.challenge = (client.name, None)  # type: ignore[attr-defined]
+        err.headers.update(headers)
+        raise err
+    return web.json_response({}, headers=headers)
+
+
+async def _manifest(request: web.Request, policy: PullThrough, target: Target, api: oci.ApiPath) -> web.StreamResponse:
+    assert api.reference is not None
+    accept = ",".join(request.headers.getall("Accept", []))
+    result = await policy.manifest(target, api.reference, accept)
+    if api.reference.tag is not None and not oci.accepts(oci.accept_key(accept), result.media_type):
+        raise errors.ManifestUnknown("manifest unknown: no stored media type is acceptable",
+                                     detail={"accept": accept[:300]})
+    headers = _common_headers(request, target, result.outcome)
+    headers.update({"Docker-Content-Digest": result.digest, "Content-Type": result.media_type, "ETag": f'"{result.digest}"'})
+    request["bytes"] = 0 if request.method == "HEAD" else len(result.data)
+    ctx = request.app[CTX]
+    ctx.count_bytes("cache" if result.outcome is Outcome.HIT else "upstream", request["bytes"])
+    if request.method == "HEAD":
+        headers["Content-Length"] = str(len(result.data))
+        return web.Response(status=200, headers=headers)
+    return web.Response(status=200, body=result.data, headers=headers)
+
+
+async def _blob(request: web.Request, policy: PullThrough, target: Target, digest: oci.Digest) -> web.StreamResponse:
+    rng = oci.parse_range(request.headers.get("Range"))
+    result = await policy.blob(target, digest, head=request.method == "HEAD")
+    try:
+        headers = _common_headers(request, target, result.outcome)
+        headers.update({"Docker-Content-Digest": result.digest, "Content-Type": oci.OCTET_STREAM,
+                        "Accept-Ranges": "bytes", "ETag": f'"{result.digest}"'})
+        if result.path is not None:
+            return await _send_file(request, result, rng, headers)
+        if request.method == "HEAD" or result.source is None:
+            if result.size is not None:
+                headers["Content-Length"] = str(result.size)
+            request["bytes"] = 0
+            return web.Response(status=200, headers=headers)
+        return await _send_flight(request, result, rng, headers)
+    finally:
+        result.release()
+
+
+async def _send_file(request: web.Request, result: BlobResult, rng: oci.RangeSpec | None,
+                     headers: dict[str, str]) -> web.StreamResponse:
+    """A hit: FileResponse does sendfile, Range, conditional requests (STYLE rule 9)."""
+    assert result.path is not None and result.size is not None
+    served = result.size
+    if rng is not None:
+        byte_range = rng.resolve(result.size)
+        if byte_range is None:  # multi-range: answer the whole blob
+            request = request.clone(headers={k: v for k, v in request.headers.items() if k.lower() != "range"})
+        else:
+            served = byte_range.length
+    request["bytes"] = 0 if request.method == "HEAD" else served
+    request.app[CTX].count_bytes("cache", request["bytes"])
+    resp = web.FileResponse(result.path, chunk_size=SPAN_READ, headers=headers)
+    # Prepare here, not after the middleware: the access log then sees the final status (206, 304, 416).
+    await resp.prepare(request)
+    return resp
+
+
+async def _send_flight(request: web.Request, result: BlobResult, rng: oci.RangeSpec | None,
+                       headers: dict[str, str]) -> web.StreamResponse:
+    """A fill in progress: stream spans of the growing file as they land; cut the stream on failure."""
+    assert result.source is not None and result.open_partial is not None
+    start, end, status = 0, None, 200
+    if rng is not None and result.size is not None:
+        byte_range = rng.resolve(result.size)
+        if byte_range is not None:
+            start, end, status = byte_range.start, byte_range.end, 206
+            headers["Content-Range"] = byte_range.content_range(result.size)
+    resp = web.StreamResponse(status=status, headers=headers)
+    if result.size is not None:
+        resp.content_length = (end - start + 1) if end is not None else result.size - start
+    fd = await result.open_partial()
+    sent = 0
+    try:
+        await resp.prepare(request)
+        sender = SpanSender(request, resp, fd)
+        async for offset, count in result.source.spans(start, end):
+            await sender.send(offset, count)
+            sent += count
+    except (FlightFailed, errors.OCIError) as e:
+        request["error"] = str(e)
+        _cut(request)
+        return resp
+    finally:
+        os.close(fd)
+        request["bytes"] = sent
+        request.app[CTX].count_bytes("upstream", sent)
+    await resp.write_eof()
+    return resp
+
+
+def _cut(request: web.Request) -> None:
+    """Headers are sent: the only honest failure is a cut connection (never a short body that looks whole)."""
+    transport = request.transport
+    if transport is not None:
+        transport.abort()
+
+
+class SpanSender:
+    """Writes file spans to the client: zero-copy ``loop.sendfile`` where the loop and transport allow it."""
+
+    def __init__(self, request: web.Request, resp: web.StreamResponse, fd: int) -> None:
+        self.request, self.resp, self.fd = request, resp, fd
+        self.file = os.fdopen(os.dup(fd), "rb", buffering=0)
+        transport = request.transport
+        self.zero_copy = transport is not None and transport.get_extra_info("sslcontext") is None
+
+    async def send(self, offset: int, count: int) -> None:
+        loop = asyncio.get_running_loop()
+        transport = self.request.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("client went away")
+        if self.zero_copy:
+            try:
+                await loop.sendfile(transport, self.file, offset, count, fallback=False)
+                return
+            except (NotImplementedError, RuntimeError):
+                self.zero_copy = False  # uvloop, TLS: copy through Python instead
+        end = offset + count
+        while offset < end:
+            data = await loop.run_in_executor(None, os.pread, self.fd, min(SPAN_READ, end - offset), offset)
+            if not data:
+                raise errors.UpstreamError("partial file shrank")
+            await self.resp.write(data)
+            offset += len(data)
+
+    def __del__(self) -> None:
+        self.file.close()
+
+
+def _tags_query(request: web.Request) -> dict[str, str]:
+    q: dict[str, str] = {}
+    n = request.query.get("n")
+    if n is not None:
+        if not n.isdigit() or len(n) > 6:
+            raise errors.BadRequest("invalid n parameter", detail={"n": n[:50]})
+        q["n"] = n
+    last = request.query.get("last")
+    if last is not None:
+        if oci.TAG_RE.fullmatch(last) is None:
+            raise errors.TagInvalid("invalid last parameter", detail={"last": last[:200]})
+        q["last"] = last
+    return q
+
+
+def _referrers_query(request: web.Request) -> dict[str, str]:
+    artifact_type = request.query.get("artifactType")
+    if artifact_type is None:
+        return {}
+    if _MEDIA_TYPE_RE.fullmatch(artifact_type) is None:
+        raise errors.BadRequest("invalid artifactType parameter", detail={"artifactType": artifact_type[:200]})
+    return {"artifactType": artifact_type}
+
+
+async def _passthrough(request: web.Request, target: Target, path: str, query: dict[str, str]) -> web.StreamResponse:
+    """Tags list and referrers: answered by the upstream, headers that matter passed back."""
+    resp = await target.upstream.request("GET", path, scope=target.scope, credential=target.credential,
+                                         headers={"Accept": request.headers.get("Accept", "application/json")},
+                                         query=query)
+    try:
+        if resp.status != 200:
+            kind = oci.Kind.TAGS if path.endswith("/tags/list") else oci.Kind.REFERRERS
+            err = request.app[CTX].policy_failure(resp, target, kind)
+            raise err
+        body = await resp.read(oci.MAX_MANIFEST_BYTES)
+        headers = _common_headers(request, target, Outcome.MISS)
+        for name in _PASSED_HEADERS:
+            if name in resp.headers:
+                headers[name] = resp.headers[name]
+        if "Link" in headers:
+            headers["Link"] = _rewrite_link(request, target, headers["Link"])
+    finally:
+        resp.release()
+    request["bytes"] = len(body)
+    return web.Response(status=200, body=body, headers=headers)
+
+
+def _rewrite_link(request: web.Request, target: Target, link: str) -> str:
+    """Point a pagination Link at the name the client used (prefix, ns)."""
+    m = re.match(r"<([^>]*)>(.*)", link)
+    if m is None:
+        return link
+    url, rest = m.group(1), m.group(2)
+    path, _, query = url.partition("?")
+    api = request["api"]
+    client_path = path.replace(f"/v2/{target.repo}/", f"/v2/{api.name}/", 1)
+    params = dict(p.split("=", 1) for p in query.split("&") if "=" in p)
+    if "ns" in request.query:
+        params["ns"] = request.query["ns"]
+    return f"<{client_path}?{urlencode(params, safe=':/%')}>{rest}"
+
+
+async def handle_token(request: web.Request) -> web.StreamResponse:
+    """Our token endpoint (passthrough): relay the client's credentials to the upstream realm."""
+    ctx = request.app[CTX]
+    name = request.match_info["upstream"]
+    client = ctx.router.clients.get(name)
+    if client is None or client.cfg.auth != "passthrough":
+        raise errors.NameUnknown(f"no passthrough upstream named {name!r}", detail={"upstream": name})
+    query = {k: v for k, v in request.query.items() if k in ("scope", "account", "client_id", "offline_token")}
+    scopes = request.query.getall("scope", [])
+    form: dict[str, str] | None = None
+    if request.method == "POST":
+        raw = await request.post()
+        form = {k: str(v) for k, v in raw.items() if isinstance(v, str)}
+        if "scope" in form:
+            form["scope"] = " ".join(_translate_scope(ctx.router, client, s) for s in form["scope"].split(" "))
+    status, body = await client.relay_token(
+        request.method, {**query, **({"scope": " ".join(_translate_scope(ctx.router, client, s) for s in scopes)} if scopes else {})},
+        form, request.headers.get("Authorization"))
+    request["upstream"] = client.name
+    if status == 401:
+        raise errors.Unauthorized("credentials refused by the upstream token server", detail={"upstream": name})
+    if status != 200:
+        raise errors.UpstreamError(f"upstream {name} token server answered {status}", detail={"upstream": name})
+    return web.Response(status=200, body=body, content_type="application/json")
+
+
+def _translate_scope(router: Router, client: UpstreamClient, scope: str) -> str:
+    """``repository:<client name>:pull`` to the upstream's name (prefix removed, library/ added)."""
+    parts = scope.split(":")
+    if len(parts) < 3 or parts[0] != "repository":
+        return scope
+    name = ":".join(parts[1:-1])
+    first, sep, rest = name.partition("/")
+    if sep and client.cfg.prefix == first:
+        name = rest
+    if client.cfg.library_prefix and "/" not in name:
+        name = "library/" + name
+    return f"repository:{name}:pull"
+
+
+async def handle_healthz(request: web.Request) -> web.StreamResponse:
+    return web.json_response({"status": "ok"})
+
+
+async def handle_readyz(request: web.Request) -> web.StreamResponse:
+    ctx = request.app[CTX]
+    problems = await ctx.readiness()
+    if problems:
+        return web.json_response({"status": "unready", "problems": problems}, status=503)
+    return web.json_response({"status": "ready"})
+
+
+async def handle_metrics(request: web.Request) -> web.StreamResponse:
+    ctx = request.app[CTX]
+    ctx.refresh_gauges()
+    body = await asyncio.get_running_loop().run_in_executor(None, ctx.metrics.render)
+    return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+
+class EdgeContext:
+    """What the edge needs, assembled by :func:`edgecache.app.create_app`."""
+
+    def __init__(self, router: Router, policy: PullThrough, metrics: Any, readiness: Any, refresh: Any) -> None:
+        self.router = router
+        self.policy = policy
+        self.metrics = metrics
+        self.readiness = readiness
+        self.refresh_gauges = refresh
+
+    def count_bytes(self, source: str, n: int) -> None:
+        if n:
+            self.metrics.served_bytes.labels(source).inc(n)
+
+    def policy_failure(self, resp: Any, target: Target, kind: oci.Kind) -> errors.OCIError:
+        from .pullthrough import upstream_failure
+
+        return upstream_failure(resp, target, kind, "")
+
+
+CTX = web.AppKey("edge", EdgeContext)
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_route("*", "/v2", handle_v2)
+    app.router.add_route("*", "/v2/{tail:.*}", handle_v2)
+    app.router.add_route("GET", "/_edgecache/token/{upstream}", handle_token)
+    app.router.add_route("POST", "/_edgecache/token/{upstream}", handle_token)
+    app.router.add_get("/healthz", handle_healthz)
+    app.router.add_get("/readyz", handle_readyz)
+    app.router.add_get("/metrics", handle_metrics)
+
+
+def dump_json(obj: Any) -> str:
+    return orjson.dumps(obj).decode()

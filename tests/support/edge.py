@@ -1,0 +1,177 @@
+"""Run edgecache for tests: in-process on a free loopback port, or as a real process.
+
+In-process instances use the same ``create_app`` as ``edgecache serve`` and a
+real listening socket, so real clients (skopeo, ctr) can pull through them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from edgecache import config as config_mod
+from edgecache.app import create_app
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def make_config(cache_dir: Path, upstream_url: str, *, name: str = "up", auth: str = "anonymous",
+                max_size: str = "10GiB", server: dict[str, Any] | None = None, **upstream: Any) -> config_mod.Config:
+    """A config with one default upstream (plus any extra tables in ``extra_upstreams``)."""
+    extra = upstream.pop("extra_upstreams", {})
+    host = upstream_url.split("://", 1)[1]
+    table: dict[str, Any] = {"url": upstream_url, "namespaces": [host], "prefix": name, "default": True,
+                             "auth": auth, "retries": 1, "connect_timeout": "2s", "read_timeout": "5s"}
+    table.update(upstream)
+    data: dict[str, Any] = {
+        "version": 1,
+        "server": {"listen": "127.0.0.1:0", **(server or {})},
+        "cache": {"dir": str(cache_dir), "max_size": max_size},
+        "upstreams": {name: table, **extra},
+    }
+    return config_mod.from_mapping(data)
+
+
+@dataclass
+class Edge:
+    url: str
+    host: str
+    app: web.Application
+    runner: web.AppRunner
+    config: config_mod.Config
+
+    async def stop(self) -> None:
+        await self.runner.cleanup()
+
+
+async def start_edge(cfg: config_mod.Config) -> Edge:
+    app = create_app(cfg)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=5)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    return Edge(f"http://127.0.0.1:{port}", f"127.0.0.1:{port}", app, runner, cfg)
+
+
+EdgeFactory = Callable[..., Awaitable[Edge]]
+
+
+@pytest.fixture
+async def edge_factory(tmp_path: Path) -> AsyncIterator[EdgeFactory]:
+    """Start edgecache instances (each with its own cache dir unless given one); all stopped at the end."""
+    edges: list[Edge] = []
+    counter = 0
+
+    async def factory(upstream_url: str, *, cache_dir: Path | None = None, **kw: Any) -> Edge:
+        nonlocal counter
+        counter += 1
+        cfg = make_config(cache_dir or tmp_path / f"cache{counter}", upstream_url, **kw)
+        edge = await start_edge(cfg)
+        edges.append(edge)
+        return edge
+
+    yield factory
+    for e in reversed(edges):
+        await e.stop()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    """A client session for talking to edgecache (no decompression, no cookie jar)."""
+    async with aiohttp.ClientSession(auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar()) as s:
+        yield s
+
+
+class EdgeProcess:
+    """edgecache as a real process (``python -m edgecache serve``) for signals, workers and restarts."""
+
+    def __init__(self, config_file: Path, log_file: Path, env: dict[str, str] | None = None) -> None:
+        self.config_file, self.log_file = config_file, log_file
+        self.env = {**os.environ, **(env or {})}
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, url: str, deadline: float = 20.0) -> None:
+        self._log = open(self.log_file, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "edgecache", "serve", "--config", str(self.config_file)],
+                                     stdout=self._log, stderr=subprocess.STDOUT, env=self.env, cwd=ROOT)
+        wait_ready(url, deadline, self.proc)
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 30.0) -> int:
+        assert self.proc is not None
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self._log.close()
+
+    def stop(self) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.wait(10)
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(10)
+        self._log.close()
+
+
+def wait_ready(url: str, deadline: float, proc: subprocess.Popen[bytes] | None = None) -> None:
+    """Poll /healthz until it answers, with a deadline (never a fixed sleep)."""
+    import urllib.error
+    import urllib.request
+
+    end = time.monotonic() + deadline
+    delay = 0.02
+    while time.monotonic() < end:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"edgecache exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url + "/healthz", timeout=1) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, OSError):
+            pass
+        time.sleep(delay)
+        delay = min(0.2, delay * 2)
+    raise TimeoutError(f"edgecache at {url} not ready after {deadline}s")
+
+
+def write_config(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+async def run(*argv: str, timeout: float = 120.0, env: dict[str, str] | None = None) -> tuple[int, str]:
+    """Run a command (skopeo, ctr, edgecache) without blocking the event loop; returns (code, output)."""
+    proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.STDOUT,
+                                                env={**os.environ, **(env or {})})
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), timeout)
+    except asyncio.TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+    return proc.returncode or 0, out.decode(errors="replace")

@@ -56,6 +56,7 @@ class Metadata:
         self._front: dict[str, Entry] = {}
         self._links: set[str] = set()
         self._touched: dict[str, float] = {}
+        self._counts: dict[str, int] = {}
         self.is_open = False
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
@@ -135,13 +136,20 @@ class Metadata:
         """Record an access; written in batches by :meth:`flush_touches` (LRU order)."""
         self._touched[digest] = self._clock()
 
+    def count(self, name: str) -> None:
+        """Count an outcome for ``edgecache stats``; written with the access times."""
+        self._counts[name] = self._counts.get(name, 0) + 1
+
     async def flush_touches(self) -> None:
-        if not self._touched:
+        if not self._touched and not self._counts:
             return
         batch, self._touched = self._touched, {}
-        await self._run(self._flush, batch)
+        counts, self._counts = self._counts, {}
+        await self._run(self._flush, batch, counts)
 
-    def _flush(self, batch: dict[str, float]) -> None:
+    def _flush(self, batch: dict[str, float], counts: dict[str, int]) -> None:
+        for name, n in counts.items():
+            self.meta.incr(f"s|{name}", n)
         with self.entries.transact():
             for digest, at in batch.items():
                 raw = self.entries.get(digest)

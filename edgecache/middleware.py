@@ -15,6 +15,7 @@ import bcrypt
 from aiohttp import web
 
 from . import errors
+from .requestinfo import info
 from .log import access_log, request_id
 from .metrics import Metrics
 
@@ -24,7 +25,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 def render_error(request: web.Request, err: errors.OCIError) -> web.Response:
     headers = {"Content-Type": "application/json", "Docker-Distribution-API-Version": "registry/2.0",
-               "X-Cache": request.get("cache", "MISS"), **err.headers}
+               "X-Cache": info(request).cache or "MISS", **err.headers}
     challenge = getattr(err, "challenge", None)
     if err.status == 401 and challenge is not None and "WWW-Authenticate" not in headers:
         upstream, scope = challenge
@@ -85,7 +86,7 @@ def make_middlewares(metrics: Metrics, allow_cidrs: tuple[str, ...], htpasswd: H
                 _check_client(request, networks, htpasswd, auth_cache)
                 resp = await handler(request)
             except errors.OCIError as e:
-                request["error"] = e.code
+                info(request).error = e.code
                 resp = render_error(request, e)
             except web.HTTPException as e:
                 if e.status >= 400:
@@ -97,21 +98,21 @@ def make_middlewares(metrics: Metrics, allow_cidrs: tuple[str, ...], htpasswd: H
                 raise
             except Exception as e:  # a bug: still answer OCI JSON, log the traceback once
                 log.exception("unhandled error on %s %s", request.method, request.path[:200])
-                request["error"] = type(e).__name__
+                info(request).error = type(e).__name__
                 err = errors.OCIError("internal error")
                 resp = render_error(request, err)
             status = resp.status
             resp.headers["X-Request-Id"] = rid
             if request.path.startswith("/v2") and "X-Cache" not in resp.headers:
-                resp.headers["X-Cache"] = request.get("cache", "MISS")
+                resp.headers["X-Cache"] = info(request).cache or "MISS"
             return resp
         finally:
             seconds = time.monotonic() - started
-            api = request.get("api")
+            api = info(request).api
             route = api.route if api is not None else _route_of(request)
             metrics.requests.labels(route, request.method, str(status)).inc()
             metrics.request_seconds.labels(route).observe(seconds)
-            outcome = request.get("cache")
+            outcome = info(request).cache
             if outcome is not None and api is not None and api.kind.value in ("manifest", "blob") and status < 400:
                 metrics.outcomes.labels(outcome.lower()).inc()
             if access_logging:
@@ -166,17 +167,17 @@ def _check_client(request: web.Request, networks: list[ipaddress.IPv4Network | i
 
 
 def _access(request: web.Request, route: str, status: int, seconds: float) -> None:
-    api = request.get("api")
+    api = info(request).api
     access_log.info("", extra={"access": {
         "method": request.method,
         "route": route,
-        "repository": request.get("repository"),
+        "repository": info(request).repository,
         "reference": str(api.reference) if api is not None and api.reference is not None else None,
         "status": status,
-        "bytes": request.get("bytes", 0),
+        "bytes": info(request).bytes,
         "duration_ms": round(seconds * 1000, 3),
-        "cache": request.get("cache"),
-        "upstream": request.get("upstream"),
-        "error": request.get("error"),
+        "cache": info(request).cache,
+        "upstream": info(request).upstream,
+        "error": info(request).error,
         "remote": request.remote,
     }})

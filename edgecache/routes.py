@@ -18,6 +18,7 @@ import orjson
 from aiohttp import web
 
 from . import errors, oci
+from .requestinfo import info
 from .collapse import FlightFailed
 from .pullthrough import BlobResult, Outcome, PullThrough, Target
 from .upstream import Credential, UpstreamClient
@@ -72,8 +73,8 @@ class Router:
 
 def target_for(request: web.Request, router: Router, api: oci.ApiPath) -> Target:
     client, repo = router.upstream_for(request.query.get("ns"), api.name)
-    request["upstream"] = client.name
-    request["repository"] = repo
+    info(request).upstream = client.name
+    info(request).repository = repo
     check_policy(client, repo)
     credential = Credential.from_header(request.headers.get("Authorization"))
     return Target(client, repo, credential)
@@ -93,7 +94,8 @@ def check_policy(client: UpstreamClient, repo: str) -> None:
 
 
 def _common_headers(request: web.Request, target: Target, outcome: Outcome) -> dict[str, str]:
-    request["cache"] = outcome.value
+    info(request).cache = outcome.value
+    request.app[CTX].policy.metadata.count(outcome.value.lower())
     h = {"X-Cache": outcome.value, **API_VERSION}
     if target.cfg.namespaces:
         h["OCI-Namespace"] = target.cfg.namespaces[0]
@@ -103,7 +105,7 @@ def _common_headers(request: web.Request, target: Target, outcome: Outcome) -> d
 async def handle_v2(request: web.Request) -> web.StreamResponse:
     """Every ``/v2/...`` request."""
     api = oci.parse_path(request.raw_path.split("?", 1)[0])
-    request["api"] = api
+    info(request).api = api
     if request.method not in ("GET", "HEAD"):
         raise errors.Unsupported("this mirror serves the pull API only (GET and HEAD)")
     ctx = request.app[CTX]
@@ -124,7 +126,7 @@ async def handle_v2(request: web.Request) -> web.StreamResponse:
 async def _base(request: web.Request, ctx: "EdgeContext") -> web.StreamResponse:
     """``/v2/``: 200, or the passthrough challenge pointing at our token endpoint."""
     client = ctx.router.upstream_for_base(request.query.get("ns"))
-    request["cache"] = Outcome.MISS.value
+    info(request).cache = Outcome.MISS.value
     headers = {"X-Cache": "MISS", **API_VERSION}
     if (client is not None and client.cfg.auth == "passthrough" and "Authorization" not in request.headers
             and await client.challenge_params()):
@@ -144,9 +146,9 @@ async def _manifest(request: web.Request, policy: PullThrough, target: Target, a
                                      detail={"accept": accept[:300]})
     headers = _common_headers(request, target, result.outcome)
     headers.update({"Docker-Content-Digest": result.digest, "Content-Type": result.media_type, "ETag": f'"{result.digest}"'})
-    request["bytes"] = 0 if request.method == "HEAD" else len(result.data)
+    info(request).bytes = 0 if request.method == "HEAD" else len(result.data)
     ctx = request.app[CTX]
-    ctx.count_bytes("cache" if result.outcome is Outcome.HIT else "upstream", request["bytes"])
+    ctx.count_bytes("cache" if result.outcome is Outcome.HIT else "upstream", info(request).bytes)
     if request.method == "HEAD":
         headers["Content-Length"] = str(len(result.data))
         return web.Response(status=200, headers=headers)
@@ -165,7 +167,7 @@ async def _blob(request: web.Request, policy: PullThrough, target: Target, diges
         if request.method == "HEAD" or result.source is None:
             if result.size is not None:
                 headers["Content-Length"] = str(result.size)
-            request["bytes"] = 0
+            info(request).bytes = 0
             return web.Response(status=200, headers=headers)
         return await _send_flight(request, result, rng, headers)
     finally:
@@ -183,9 +185,9 @@ async def _send_file(request: web.Request, result: BlobResult, rng: oci.RangeSpe
             request = request.clone(headers={k: v for k, v in request.headers.items() if k.lower() != "range"})
         else:
             served = byte_range.length
-    request["bytes"] = 0 if request.method == "HEAD" else served
-    request.app[CTX].count_bytes("cache", request["bytes"])
-    resp = web.FileResponse(result.path, chunk_size=SPAN_READ, headers=headers)
+    info(request).bytes = 0 if request.method == "HEAD" else served
+    request.app[CTX].count_bytes("cache", info(request).bytes)
+    resp = _PreparedFileResponse(result.path, chunk_size=SPAN_READ, headers=headers)
     # Prepare here, not after the middleware: the access log then sees the final status (206, 304, 416).
     await resp.prepare(request)
     return resp
@@ -213,12 +215,12 @@ async def _send_flight(request: web.Request, result: BlobResult, rng: oci.RangeS
             await sender.send(offset, count)
             sent += count
     except (FlightFailed, errors.OCIError) as e:
-        request["error"] = str(e)
+        info(request).error = str(e)
         _cut(request)
         return resp
     finally:
         os.close(fd)
-        request["bytes"] = sent
+        info(request).bytes = sent
         request.app[CTX].count_bytes("upstream", sent)
     await resp.write_eof()
     return resp
@@ -229,6 +231,15 @@ def _cut(request: web.Request) -> None:
     transport = request.transport
     if transport is not None:
         transport.abort()
+
+
+class _PreparedFileResponse(web.FileResponse):
+    """A FileResponse the handler prepares itself; aiohttp's second ``prepare`` is then a no-op."""
+
+    async def prepare(self, request: web.BaseRequest) -> Any:
+        if self.prepared:
+            return None
+        return await super().prepare(request)
 
 
 class SpanSender:
@@ -306,7 +317,7 @@ async def _passthrough(request: web.Request, target: Target, path: str, query: d
             headers["Link"] = _rewrite_link(request, target, headers["Link"])
     finally:
         resp.release()
-    request["bytes"] = len(body)
+    info(request).bytes = len(body)
     return web.Response(status=200, body=body, headers=headers)
 
 
@@ -317,7 +328,7 @@ def _rewrite_link(request: web.Request, target: Target, link: str) -> str:
         return link
     url, rest = m.group(1), m.group(2)
     path, _, query = url.partition("?")
-    api = request["api"]
+    api = info(request).api
     client_path = path.replace(f"/v2/{target.repo}/", f"/v2/{api.name}/", 1)
     params = dict(p.split("=", 1) for p in query.split("&") if "=" in p)
     if "ns" in request.query:
@@ -343,7 +354,7 @@ async def handle_token(request: web.Request) -> web.StreamResponse:
     status, body = await client.relay_token(
         request.method, {**query, **({"scope": " ".join(_translate_scope(ctx.router, client, s) for s in scopes)} if scopes else {})},
         form, request.headers.get("Authorization"))
-    request["upstream"] = client.name
+    info(request).upstream = client.name
     if status == 401:
         raise errors.Unauthorized("credentials refused by the upstream token server", detail={"upstream": name})
     if status != 200:

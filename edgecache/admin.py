@@ -1,0 +1,72 @@
+"""Operator commands on the cache directory: ``edgecache purge`` and ``edgecache stats``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shutil
+from pathlib import Path
+
+import orjson
+
+from .config import Config
+from .metadata import Metadata
+from .storage import BlobStore
+
+
+async def purge(cfg: Config, args: argparse.Namespace) -> int:
+    """Forget a tag, a repository, or everything (a running instance sees it on its next lookup)."""
+    root = Path(cfg.cache.dir)
+    if args.all:
+        store = BlobStore(root)
+        await asyncio.get_running_loop().run_in_executor(None, _wipe, store)
+        print(f"purged everything under {root}")
+        return 0
+    metadata = Metadata(root / "index")
+    await metadata.open()
+    try:
+        if args.tag:
+            repo, sep, tag = args.tag.rpartition(":")
+            if not sep or "/" not in repo:
+                print("edgecache: --tag takes UPSTREAM/REPOSITORY:TAG")
+                return 2
+            upstream, _, name = repo.partition("/")
+            n = await metadata.purge(f"{upstream}|{name}|{tag}|")
+        else:
+            if "/" not in args.repo:
+                print("edgecache: --repo takes UPSTREAM/REPOSITORY")
+                return 2
+            upstream, _, name = args.repo.partition("/")
+            n = await metadata.purge(f"{upstream}|{name}|")
+    finally:
+        await metadata.close()
+    print(f"purged {n} records")
+    return 0
+
+
+def _wipe(store: BlobStore) -> None:
+    for d in (store.blobs, store.tmp, store.root / "index"):
+        shutil.rmtree(d, ignore_errors=True)
+
+
+async def stats(cfg: Config) -> int:
+    """Usage, entries and hit ratio, as one JSON document."""
+    metadata = Metadata(Path(cfg.cache.dir) / "index")
+    await metadata.open()
+    try:
+        counters = await metadata.counters()
+        used = await metadata.total_bytes()
+        entries = await metadata.count_entries()
+    finally:
+        await metadata.close()
+    served = sum(counters.get(k, 0) for k in ("hit", "miss", "stale", "collapsed"))
+    doc = {
+        "cache_dir": cfg.cache.dir,
+        "bytes_used": used,
+        "budget_bytes": cfg.cache.max_size,
+        "entries": entries,
+        "requests": counters,
+        "hit_ratio": round(counters.get("hit", 0) / served, 4) if served else None,
+    }
+    print(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode())
+    return 0

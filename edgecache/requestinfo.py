@@ -1,0 +1,29 @@
+"""What the edge learns about one request, for the access log, metrics and error rendering."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from .oci import ApiPath
+
+
+@dataclass(slots=True)
+class RequestInfo:
+    api: ApiPath | None = None
+    upstream: str | None = None
+    repository: str | None = None
+    cache: str | None = None  # X-Cache outcome
+    bytes: int = 0
+    error: str | None = None
+
+
+INFO = web.RequestKey("edgecache_info", RequestInfo)
+
+
+def info(request: web.Request) -> RequestInfo:
+    found = request.get(INFO)
+    if found is None:
+        found = request[INFO] = RequestInfo()
+    return found

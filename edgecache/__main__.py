@@ -79,16 +79,16 @@ def main(argv: list[str] | None = None) -> int:
         from .admin import purge, stats
 
         return asyncio.run(purge(cfg, args) if args.command == "purge" else stats(cfg))
-    return serve(cfg)
+    return serve(cfg, list(argv) if argv is not None else sys.argv[1:])
 
 
-def serve(cfg: config_mod.Config) -> int:
+def serve(cfg: config_mod.Config, argv: list[str] | None = None) -> int:
     if cfg.server.workers == 1:
-        return run_worker(cfg, reuse_port=False)
+        return run_worker(cfg, False, argv)
     metrics_dir = tempfile.mkdtemp(prefix="edgecache-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=run_worker, args=(cfg, True), name=f"edgecache-worker-{i}") for i in range(cfg.server.workers)]
+    procs = [ctx.Process(target=run_worker, args=(cfg, True, argv), name=f"edgecache-worker-{i}") for i in range(cfg.server.workers)]
     for p in procs:
         p.start()
 
@@ -107,17 +107,17 @@ def serve(cfg: config_mod.Config) -> int:
     return max(codes)
 
 
-def run_worker(cfg: config_mod.Config, reuse_port: bool) -> int:
+def run_worker(cfg: config_mod.Config, reuse_port: bool, reload_args: list[str] | None = None) -> int:
     log_mod.setup(cfg.log_level)
     if cfg.server.event_loop == "uvloop":
         import uvloop
 
-        return uvloop.run(_serve(cfg, reuse_port))
-    return asyncio.run(_serve(cfg, reuse_port))
+        return uvloop.run(_serve(cfg, reuse_port, reload_args))
+    return asyncio.run(_serve(cfg, reuse_port, reload_args))
 
 
-async def _serve(cfg: config_mod.Config, reuse_port: bool) -> int:
-    from .app import create_app, drain
+async def _serve(cfg: config_mod.Config, reuse_port: bool, reload_args: list[str] | None) -> int:
+    from .app import TASKS, create_app, drain, reload
 
     import logging
 
@@ -138,7 +138,15 @@ async def _serve(cfg: config_mod.Config, reuse_port: bool) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: log.info("SIGHUP: reload not supported yet; restart to apply config"))
+    def on_hup() -> None:
+        try:
+            new = load_config(build_parser().parse_args(reload_args or ["serve"]))
+        except config_mod.ConfigError as e:
+            log.error("SIGHUP: config error, keeping the running config: %s", e)
+            return
+        app[TASKS].spawn(reload(app, new), "reload")
+
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
     await stop.wait()
     log.info("shutting down: draining for up to %.0fs", cfg.server.shutdown_timeout)
     drain(app)

@@ -45,6 +45,7 @@ class AppState:
         self.clients: dict[str, UpstreamClient] = {}
         self.policy: PullThrough | None = None
         self.flights: Flights | None = None
+        self.tokens: BaseCache | None = None
 
 
 def make_cache(redis_url: str | None, namespace: str) -> BaseCache:
@@ -98,6 +99,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
                 metrics.ratelimit_remaining.labels(c.name).set(c.ratelimit_remaining)
 
     app[routes.CTX] = routes.EdgeContext(routes.Router(clients), policy, metrics, readiness, refresh)
+    state.tokens = tokens
     tasks.spawn(_flush_touches(metadata), "flush-touches")
     tasks.spawn(evictor.evict(0), "evict-startup")
     log.info("edgecache ready: cache %s, %d upstreams", cache_dir, len(clients))
@@ -107,7 +109,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         state.draining = True
         await tasks.drain("flight:", config.server.shutdown_timeout)
         await tasks.close()
-        for c in clients.values():
+        for c in state.clients.values():
             await c.close()
         await tokens.close()
         await access.close()
@@ -176,6 +178,43 @@ async def _readiness(state: AppState, store: BlobStore) -> list[str]:
     if not await asyncio.get_running_loop().run_in_executor(None, writable):
         problems.append("cache directory not writable")
     return problems
+
+
+async def reload(app: web.Application, new: Config) -> list[str]:
+    """SIGHUP: swap in a new upstream table and TTLs without dropping connections.
+
+    Unchanged upstreams keep their client (sessions, tokens); changed or removed
+    ones are closed after the drain deadline, so requests using them finish.
+    Cache settings and the listen address need a restart. Returns what changed.
+    """
+    state, tasks, metrics = app[STATE], app[TASKS], app[METRICS]
+    assert state.tokens is not None
+    old_clients = state.clients
+    clients: dict[str, UpstreamClient] = {}
+    changed = []
+    for cfg in new.upstreams:
+        old = old_clients.get(cfg.name)
+        if old is not None and old.cfg == cfg:
+            clients[cfg.name] = old
+            continue
+        client = UpstreamClient(cfg, state.tokens, metrics.on_upstream)
+        await client.start()
+        clients[cfg.name] = client
+        changed.append(cfg.name)
+    retired = [c for name, c in old_clients.items() if clients.get(name) is not c]
+    changed += [c.name for c in retired if c.name not in clients]
+    state.clients = clients
+    app[routes.CTX].router = routes.Router(clients)
+
+    async def retire() -> None:
+        await asyncio.sleep(new.server.shutdown_timeout)  # let requests that hold the old client finish
+        for c in retired:
+            await c.close()
+
+    if retired:
+        tasks.spawn(retire(), "retire-upstreams")
+    log.info("reloaded upstream table: %s", ", ".join(changed) or "no changes")
+    return changed
 
 
 def drain(app: web.Application) -> None:

@@ -93,6 +93,7 @@ class UpstreamConfig:
     allow: tuple[str, ...] = ()  # repository globs that may be pulled (empty: all)
     deny: tuple[str, ...] = ()  # repository globs that may not be pulled
     pinned_tags: tuple[str, ...] = ()  # "repo:tag" globs whose first digest is kept
+    upstream_ns: str | None = None  # send ?ns=<this> upstream: the upstream is another edgecache (tiers)
 
     @property
     def host(self) -> str:

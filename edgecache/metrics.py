@@ -24,6 +24,8 @@ class Metrics:
                                 ["route", "method", "status"], registry=r)
         self.request_seconds = Histogram("edgecache_request_duration_seconds", "Time to answer (headers and body)",
                                          ["route"], buckets=_LATENCY, registry=r)
+        self.in_progress = Gauge("edgecache_requests_in_progress", "Requests being answered", registry=r,
+                                 multiprocess_mode="livesum")
         self.outcomes = Counter("edgecache_cache_outcomes", "Cache outcome of /v2/ content requests",
                                 ["outcome"], registry=r)
         self.served_bytes = Counter("edgecache_served_bytes", "Body bytes sent to clients, by source",

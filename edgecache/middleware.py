@@ -81,6 +81,7 @@ def make_middlewares(metrics: Metrics, allow_cidrs: tuple[str, ...], htpasswd: H
         token = request_id.set(rid)
         started = time.monotonic()
         status = 500
+        metrics.in_progress.inc()
         try:
             try:
                 _check_client(request, networks, htpasswd, auth_cache)
@@ -107,6 +108,7 @@ def make_middlewares(metrics: Metrics, allow_cidrs: tuple[str, ...], htpasswd: H
                 resp.headers["X-Cache"] = info(request).cache or "MISS"
             return resp
         finally:
+            metrics.in_progress.dec()
             seconds = time.monotonic() - started
             api = info(request).api
             route = api.route if api is not None else _route_of(request)

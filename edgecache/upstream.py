@@ -184,6 +184,8 @@ class UpstreamClient:
         Returns the response once its headers arrived; 401/403/404/429 come back as
         responses for the policy to interpret; transport failures raise.
         """
+        if self.cfg.upstream_ns:  # a tiered edgecache routes by ns= like containerd does
+            query = {**(query or {}), "ns": self.cfg.upstream_ns}
         url = self.cfg.url + path + (("?" + urlencode(query)) if query else "")
         attempt = 0
         while True:
@@ -319,7 +321,8 @@ class UpstreamClient:
         if isinstance(cached, dict):
             return cached
         try:
-            async with self.session.get(self.cfg.url + "/v2/", allow_redirects=False) as r:
+            ns = {"ns": self.cfg.upstream_ns} if self.cfg.upstream_ns else None
+            async with self.session.get(self.cfg.url + "/v2/", params=ns, allow_redirects=False) as r:
                 await r.read()
                 header = r.headers.get("WWW-Authenticate", "")
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:

@@ -1,0 +1,146 @@
+"""Blob store and index conformance, and LRU eviction with an injected clock."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from edgecache.metadata import Metadata, TagEntry
+from edgecache.metrics import Metrics
+from edgecache.oci import Digest
+from edgecache.pullthrough import Evictor
+from edgecache.storage import BlobStore, FillInfo
+from edgecache.tasks import TaskOwner
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_fill_commit_and_abort(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path)
+    store.create_dirs()
+    data = b"hello"
+    d = Digest.of(data)
+    fd = store.begin_fill(d, FillInfo(len(data), "x"))
+    os.write(fd, data)
+    reader = store.open_partial(d)
+    assert reader is not None and store.fill_info(d) == FillInfo(5, "x")
+    store.commit_fill(d)
+    os.close(fd)
+    assert store.read(d) == data and os.pread(reader, 5, 0) == data  # reader's fd survives the rename
+    assert os.fstat(reader).st_nlink == 1
+    os.close(reader)
+    d2 = Digest.of(b"other")
+    fd = store.begin_fill(d2, FillInfo(5, "x"))
+    reader = store.open_partial(d2)
+    assert reader is not None
+    store.abort_fill(d2)
+    assert os.fstat(reader).st_nlink == 0 and store.size(d2) is None
+    os.close(fd)
+    os.close(reader)
+
+
+def test_lock_is_exclusive(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path)
+    store.create_dirs()
+    d = Digest.of(b"x")
+    a, b = store.lock(d), store.lock(d)
+    assert a.try_acquire() and not b.try_acquire()
+    a.release()
+    assert b.try_acquire()
+    b.release()
+
+
+def test_clean_tmp_keeps_live_fills(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path)
+    store.create_dirs()
+    live, dead = Digest.of(b"live"), Digest.of(b"dead")
+    lock = store.lock(live)
+    assert lock.try_acquire()
+    os.close(store.begin_fill(live, FillInfo(4, "x")))
+    os.close(store.begin_fill(dead, FillInfo(4, "x")))
+    store.clean_tmp()
+    assert store.partial_path(live).exists() and not store.partial_path(dead).exists()
+    lock.release()
+
+
+async def test_index_tags_links_negative(tmp_path: Path) -> None:
+    clock = Clock()
+    md = Metadata(tmp_path / "index", clock)
+    await md.open()
+    try:
+        await md.set_tag("up|r|t|*", TagEntry("sha256:" + "a" * 64, "m", 3, clock()))
+        entry = await md.get_tag("up|r|t|*")
+        assert entry is not None and entry.size == 3
+        assert not await md.has_link("up", "r", "d")
+        await md.add_link("up", "r", "d")
+        assert await md.has_link("up", "r", "d")
+        await md.set_negative("up|r|x", 30)
+        assert await md.get_negative("up|r|x")
+        clock.now += 31
+        assert not await md.get_negative("up|r|x")
+        assert await md.purge("up|r|") >= 2
+        assert await md.get_tag("up|r|t|*") is None
+    finally:
+        await md.close()
+
+
+async def test_lru_eviction_respects_budget_and_access_order(tmp_path: Path) -> None:
+    clock = Clock()
+    store = BlobStore(tmp_path)
+    store.create_dirs()
+    md = Metadata(tmp_path / "index", clock)
+    await md.open()
+    owner = TaskOwner()
+    evictor = Evictor(store, md, Metrics(), max_size=1000, high=0.9, low=0.5, spawn=owner.spawn)
+    digests = []
+    try:
+        for i in range(4):
+            data = bytes([i]) * 300
+            d = Digest.of(data)
+            store.write_verified(d, data)
+            await md.put_entry(str(d), len(data), "x")
+            digests.append(d)
+            clock.now += 1
+        md.touch(str(digests[0]))  # the oldest becomes the most recently used
+        freed = await evictor.evict(0)
+        assert freed >= 300
+        assert await md.total_bytes() <= 500
+        assert store.size(digests[0]) == 300  # kept: recently used
+        assert store.size(digests[1]) is None  # evicted: least recently used
+    finally:
+        await owner.close()
+        await md.close()
+
+
+async def test_reconcile_drops_missing_and_adopts_verified(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path)
+    store.create_dirs()
+    md = Metadata(tmp_path / "index")
+    await md.open()
+    try:
+        good = Digest.of(b"good")
+        store.write_verified(good, b"good")
+        await md.put_entry("sha256:" + "f" * 64, 10, "x")  # entry without file
+        files = [(str(d), s) for d, s in store.walk()]
+        dropped, adopted = await md.reconcile(files, lambda d, s: "application/octet-stream")
+        assert (dropped, adopted) == (1, 1)
+        assert await md.total_bytes() == 4
+    finally:
+        await md.close()
+
+
+@pytest.mark.parametrize("size", [0, 1, 1 << 20])
+def test_write_verified_sizes(tmp_path: Path, size: int) -> None:
+    store = BlobStore(tmp_path)
+    store.create_dirs()
+    data = os.urandom(size)
+    d = Digest.of(data)
+    assert store.write_verified(d, data) == size and store.read(d) == data

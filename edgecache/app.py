@@ -48,10 +48,15 @@ class AppState:
         self.tokens: BaseCache | None = None
 
 
-def make_cache(redis_url: str | None, namespace: str) -> BaseCache:
+def make_cache(redis_url: str | None, namespace: str, json: bool = False) -> BaseCache:
     """An aiocache TTL cache: in memory, or Redis when state is shared across nodes."""
     if redis_url:
-        return Cache.from_url(f"{redis_url}{'&' if '?' in redis_url else '?'}namespace={namespace}")
+        from aiocache.serializers import JsonSerializer, PickleSerializer
+
+        cache = Cache.from_url(redis_url)
+        cache.namespace = namespace
+        cache.serializer = JsonSerializer() if json else PickleSerializer()
+        return cache
     return Cache(Cache.MEMORY, namespace=namespace)
 
 
@@ -76,7 +81,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     cache_dir = Path(config.cache.dir)
     store = BlobStore(cache_dir)
     await asyncio.get_running_loop().run_in_executor(None, store.create_dirs)
-    metadata = Metadata(cache_dir / "index")
+    shared_tags = make_cache(config.redis_url, "edgecache:", json=True) if config.redis_url else None
+    metadata = Metadata(cache_dir / "index", shared_tags=shared_tags)
     await metadata.open()
     await _recover(store, metadata)
     tokens = make_cache(config.redis_url, "tokens")
@@ -114,6 +120,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         await tokens.close()
         await access.close()
         await metadata.close()
+        if shared_tags is not None:
+            await shared_tags.close()
 
 
 async def _flush_touches(metadata: Metadata) -> None:

@@ -47,8 +47,10 @@ class TagEntry:
 class Metadata:
     """Async facade over the diskcache index."""
 
-    def __init__(self, directory: str | Path, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, directory: str | Path, clock: Callable[[], float] = time.time, shared_tags: Any = None) -> None:
         self._dir = Path(directory)
+        # Optional aiocache backend (Redis) so every instance of a region resolves a tag the same way.
+        self._shared_tags = shared_tags
         self._clock = clock
         self._executor = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="metadata")
         self._entries: diskcache.Cache | None = None
@@ -216,16 +218,29 @@ class Metadata:
 
     # tags and negative answers ----------------------------------------------------
     async def get_tag(self, key: str) -> TagEntry | None:
-        raw = await self._run(self.meta.get, "t|" + key)
+        if self._shared_tags is not None:
+            raw = await self._shared_tags.get("t|" + key)
+        else:
+            raw = await self._run(self.meta.get, "t|" + key)
         return TagEntry(**raw) if isinstance(raw, dict) else None
 
     async def set_tag(self, key: str, entry: TagEntry) -> None:
-        await self._run(self.meta.set, "t|" + key, asdict(entry))
+        if self._shared_tags is not None:
+            await self._shared_tags.set("t|" + key, asdict(entry))
+        else:
+            await self._run(self.meta.set, "t|" + key, asdict(entry))
 
     async def purge(self, prefix: str) -> int:
         """Drop tag, negative, link and visibility records whose key starts with ``prefix`` (after the kind)."""
         self._links.clear()
-        return await self._run(self._purge, prefix)
+        n = 0
+        if self._shared_tags is not None:
+            keys = await self._shared_tags.raw("keys", f"{self._shared_tags.namespace or ''}t|{prefix}*")
+            for key in keys or []:
+                key = key.decode() if isinstance(key, bytes) else key
+                await self._shared_tags.raw("delete", key)
+                n += 1
+        return n + await self._run(self._purge, prefix)
 
     def _purge(self, prefix: str) -> int:
         n = 0

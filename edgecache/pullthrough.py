@@ -346,6 +346,19 @@ class PullThrough:
             return await self._follow(target, flight, digest)
         return await self._lead_or_follow_remote(target, digest)
 
+    def far_ahead(self, result: BlobResult, start: int) -> bool:
+        """Is a Range start so far past the download position that waiting would be silly?"""
+        return isinstance(result.source, Flight) and start - result.source.written > DIRECT_RANGE_GAP
+
+    async def direct_range(self, target: Target, digest: Digest, start: int, end: int) -> UpstreamResponse:
+        """Fetch a range straight from upstream (not cached; the flight fills the cache)."""
+        resp = await target.upstream.request("GET", f"/v2/{target.repo}/blobs/{digest}", scope=target.scope,
+                                             credential=target.credential, headers={"Range": f"bytes={start}-{end}"})
+        if resp.status != 206:
+            resp.release()
+            raise errors.UpstreamError(f"upstream {target.upstream.name} answered {resp.status} to a range request")
+        return resp
+
     async def _head_blob(self, target: Target, digest: Digest) -> BlobResult:
         resp = await target.upstream.request("HEAD", f"/v2/{target.repo}/blobs/{digest}", scope=target.scope,
                                              credential=target.credential)

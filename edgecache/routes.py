@@ -169,6 +169,9 @@ async def _blob(request: web.Request, policy: PullThrough, target: Target, diges
                 headers["Content-Length"] = str(result.size)
             info(request).bytes = 0
             return web.Response(status=200, headers=headers)
+        byte_range = rng.resolve(result.size) if rng is not None and result.size is not None else None
+        if byte_range is not None and policy.far_ahead(result, byte_range.start):
+            return await _send_direct(request, policy, target, digest, byte_range, result.size or 0, headers)
         return await _send_flight(request, result, rng, headers)
     finally:
         result.release()
@@ -222,6 +225,30 @@ async def _send_flight(request: web.Request, result: BlobResult, rng: oci.RangeS
         os.close(fd)
         info(request).bytes = sent
         request.app[CTX].count_bytes("upstream", sent)
+    await resp.write_eof()
+    return resp
+
+
+async def _send_direct(request: web.Request, policy: PullThrough, target: Target, digest: oci.Digest,
+                       byte_range: oci.ByteRange, size: int, headers: dict[str, str]) -> web.StreamResponse:
+    """A range far beyond the download position: relay it from upstream directly."""
+    upstream = await policy.direct_range(target, digest, byte_range.start, byte_range.end)
+    headers["Content-Range"] = byte_range.content_range(size)
+    resp = web.StreamResponse(status=206, headers=headers)
+    resp.content_length = byte_range.length
+    sent = 0
+    try:
+        await resp.prepare(request)
+        async for chunk in upstream.iter_chunks():
+            await resp.write(chunk)
+            sent += len(chunk)
+    except errors.OCIError as e:
+        info(request).error = e.code
+        _cut(request)
+        return resp
+    finally:
+        upstream.release()
+        info(request).bytes = sent
     await resp.write_eof()
     return resp
 

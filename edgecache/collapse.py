@@ -93,6 +93,10 @@ class Flight:
         pos = start
         while True:
             limit = self.written if end is None else min(self.written, end + 1)
+            if self.state is not State.DONE:
+                # Hold back the last byte until the whole blob is verified: a corrupt fill must
+                # never reach a client as a complete body (DESIGN §2 Flight).
+                limit = min(limit, (self.size if self.size is not None else self.written) - 1)
             if pos < limit:
                 yield pos, limit - pos
                 pos = limit
@@ -144,14 +148,16 @@ class Flights:
         self._flights: dict[str, Flight] = {}
 
     def get(self, key: str) -> Flight | None:
-        return self._flights.get(key)
+        """The running flight for ``key``; an ended one is never joined (its task may still be cleaning up)."""
+        flight = self._flights.get(key)
+        return flight if flight is not None and flight.state in (State.STARTING, State.RUNNING) else None
 
     def __len__(self) -> int:
         return len(self._flights)
 
     def start(self, key: str, origin: tuple[str, str, str], run: Callable[[Flight], Coroutine[Any, Any, None]]) -> Flight:
         """Register a new flight and spawn its download; it is removed when the download ends."""
-        assert key not in self._flights
+        assert self.get(key) is None
         flight = Flight(key, origin)
         self._flights[key] = flight
 
@@ -166,7 +172,8 @@ class Flights:
             finally:
                 if flight.state not in (State.DONE, State.FAILED):
                     flight.fail(FlightFailed("download ended without a result"))
-                self._flights.pop(key, None)
+                if self._flights.get(key) is flight:
+                    del self._flights[key]
 
         self._spawn(owned(), f"flight:{key}")
         return flight

@@ -459,14 +459,33 @@ class PullThrough:
                           open_partial=reopen, release=lambda: os.close(fd))
 
     async def _download(self, flight: Flight, target: Target, digest: Digest, lock: Any) -> None:
-        """The app-owned fill: GET once, tee into the partial file while hashing, verify, commit."""
+        """The app-owned fill: GET once, tee into the partial file while hashing, verify, commit.
+
+        The lock is released and the partial removed *before* readers learn the result, so a
+        request arriving right after a failure starts a fresh fill instead of joining a dead one.
+        """
         key = str(digest)
         fd: int | None = None
+        released = False
+
+        async def release(abort: bool) -> None:
+            nonlocal fd, released
+            if abort:
+                await self._run(self.store.abort_fill, digest)
+            if fd is not None:
+                await self._run(os.close, fd)
+                fd = None
+            if not released:
+                released = True
+                await self._run(lock.release)
+                self.metrics.flights.dec()
+
         try:
             resp = await target.upstream.request("GET", f"/v2/{target.repo}/blobs/{digest}", scope=target.scope,
                                                  credential=target.credential)
             if resp.status != 200:
                 resp.release()
+                await release(abort=False)
                 flight.fail(upstream_failure(resp, target, oci.Kind.BLOB, key))
                 return
             length = resp.headers.get("Content-Length")
@@ -485,22 +504,18 @@ class PullThrough:
             await self._run(os.fsync, fd)
             await self._run(self.store.commit_fill, digest)
             await self.metadata.put_entry(key, flight.written, oci.OCTET_STREAM)
+            await release(abort=False)
             flight.size = flight.written
             flight.finish()
             self.evictor.kick()
         except Exception as e:
             log.warning("download of %s from %s failed: %s", key, target.upstream.name, e)
-            await self._run(self.store.abort_fill, digest)
+            await release(abort=True)
             flight.fail(e)
-        except BaseException as e:  # cancelled at shutdown
-            await asyncio.shield(self._run(self.store.abort_fill, digest))
+        except BaseException:  # cancelled at shutdown
+            await asyncio.shield(release(abort=True))
             flight.fail(errors.ServiceUnavailable("shutting down"))
             raise
-        finally:
-            if fd is not None:
-                await self._run(os.close, fd)
-            await self._run(lock.release)
-            self.metrics.flights.dec()
 
     async def _stream_body(self, flight: Flight, target: Target, digest: Digest, resp: UpstreamResponse,
                            fd: int, hasher: "hashlib._Hash", size: int | None) -> None:

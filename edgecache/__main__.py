@@ -4,16 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import multiprocessing
 import os
-import shutil
-import signal
-import ssl
 import sys
-import tempfile
 from typing import Any
-
-from aiohttp import web
 
 from . import config as config_mod
 from . import log as log_mod
@@ -23,11 +16,15 @@ def _flags(args: argparse.Namespace) -> dict[str, Any]:
     return {k: getattr(args, k, None) for k in ("listen", "workers", "cache_dir", "upstream")}
 
 
-def load_config(args: argparse.Namespace) -> config_mod.Config:
-    path = args.config
+def _config_path(args: argparse.Namespace) -> str | None:
+    path: str | None = getattr(args, "config", None)
     if path is None and os.path.exists("config/edgecache.toml") and getattr(args, "upstream", None) is None:
         path = "config/edgecache.toml"
-    return config_mod.load(path, os.environ, _flags(args))
+    return path
+
+
+def load_config(args: argparse.Namespace) -> config_mod.Config:
+    return config_mod.load(_config_path(args), os.environ, _flags(args))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,80 +76,9 @@ def main(argv: list[str] | None = None) -> int:
         from .admin import purge, stats
 
         return asyncio.run(purge(cfg, args) if args.command == "purge" else stats(cfg))
-    return serve(cfg, list(argv) if argv is not None else sys.argv[1:])
+    from .serve import serve
 
-
-def serve(cfg: config_mod.Config, argv: list[str] | None = None) -> int:
-    if cfg.server.workers == 1:
-        return run_worker(cfg, False, argv)
-    metrics_dir = tempfile.mkdtemp(prefix="edgecache-metrics-")
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
-    ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=run_worker, args=(cfg, True, argv), name=f"edgecache-worker-{i}") for i in range(cfg.server.workers)]
-    for p in procs:
-        p.start()
-
-    def forward(signum: int, _frame: Any) -> None:
-        for p in procs:
-            if p.pid is not None and p.is_alive():
-                os.kill(p.pid, signum)
-
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, forward)
-    codes = []
-    for p in procs:
-        p.join()
-        codes.append(p.exitcode or 0)
-    shutil.rmtree(metrics_dir, ignore_errors=True)
-    return max(codes)
-
-
-def run_worker(cfg: config_mod.Config, reuse_port: bool, reload_args: list[str] | None = None) -> int:
-    log_mod.setup(cfg.log_level)
-    if cfg.server.event_loop == "uvloop":
-        import uvloop
-
-        return uvloop.run(_serve(cfg, reuse_port, reload_args))
-    return asyncio.run(_serve(cfg, reuse_port, reload_args))
-
-
-async def _serve(cfg: config_mod.Config, reuse_port: bool, reload_args: list[str] | None) -> int:
-    from .app import TASKS, create_app, drain, reload
-
-    import logging
-
-    log = logging.getLogger("edgecache.serve")
-    app = create_app(cfg)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=cfg.server.shutdown_timeout,
-                           handle_signals=False)
-    await runner.setup()
-    host, port = cfg.server.listen
-    ssl_ctx = None
-    if cfg.server.tls_cert:
-        ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ssl_ctx.load_cert_chain(cfg.server.tls_cert, cfg.server.tls_key)
-    site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None, ssl_context=ssl_ctx, backlog=1024)
-    await site.start()
-    log.info("listening on %s:%d (pid %d, loop %s)", host, port, os.getpid(), type(asyncio.get_running_loop()).__module__)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    def on_hup() -> None:
-        try:
-            new = load_config(build_parser().parse_args(reload_args or ["serve"]))
-        except config_mod.ConfigError as e:
-            log.error("SIGHUP: config error, keeping the running config: %s", e)
-            return
-        app[TASKS].spawn(reload(app, new), "reload")
-
-    loop.add_signal_handler(signal.SIGHUP, on_hup)
-    await stop.wait()
-    log.info("shutting down: draining for up to %.0fs", cfg.server.shutdown_timeout)
-    drain(app)
-    await runner.cleanup()
-    log.info("stopped")
-    return 0
+    return serve(cfg, (_config_path(args), _flags(args)))
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname.lower(),
             "logger": record.name,
             "request_id": getattr(record, "request_id", None) or request_id.get(),
+            "pid": record.process,
         }
         access = getattr(record, "access", None)
         if isinstance(access, dict):

@@ -121,6 +121,7 @@ class PullThrough:
         self._tags: SingleFlight[ManifestResult] = SingleFlight()
         self._manifests: SingleFlight[ManifestResult] = SingleFlight()
         self._probes: SingleFlight[bool] = SingleFlight()
+        self._starting: dict[str, asyncio.Lock] = {}
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
@@ -344,7 +345,18 @@ class PullThrough:
         flight = self.flights.get(key)
         if flight is not None:
             return await self._follow(target, flight, digest)
-        return await self._lead_or_follow_remote(target, digest)
+        # One request per digest at a time decides between leading and following, so that
+        # requests in this process never mistake our own leader for another worker's.
+        starting = self._starting.setdefault(key, asyncio.Lock())
+        try:
+            async with starting:
+                flight = self.flights.get(key)
+                if flight is not None:
+                    return await self._follow(target, flight, digest)
+                return await self._lead_or_follow_remote(target, digest)
+        finally:
+            if not starting.locked() and self._starting.get(key) is starting:
+                del self._starting[key]
 
     def far_ahead(self, result: BlobResult, start: int) -> bool:
         """Is a Range start so far past the download position that waiting would be silly?"""
@@ -408,9 +420,10 @@ class PullThrough:
             origin = (target.upstream.name, target.repo, target.credential.key)
             flight = self.flights.start(str(digest), origin, lambda f: self._download(f, target, digest, lock))
             self.metrics.flights.inc()
-            await flight.wait_ready()
-            return self._flight_result(flight, digest, Outcome.MISS)
-        return await self._follow_remote(target, digest, lock)
+        else:
+            return await self._follow_remote(target, digest, lock)
+        await flight.wait_ready()
+        return self._flight_result(flight, digest, Outcome.MISS)
 
     async def _follow_remote(self, target: Target, digest: Digest, lock: Any) -> BlobResult:
         """Another worker process downloads this digest: tail its partial file."""
@@ -436,8 +449,8 @@ class PullThrough:
 
         def probe() -> tuple[int, bool]:
             st = os.fstat(fd)
-            if st.st_nlink == 0:
-                return st.st_size, False
+            if st.st_nlink == 0:  # the writer deleted it: failed (never hand out the last byte)
+                return min(st.st_size, max(0, info.size - 1)), False
             try:
                 committed = os.stat(final).st_ino == st.st_ino
             except FileNotFoundError:

@@ -1,0 +1,94 @@
+"""Serving: one worker process, or a supervisor of N workers sharing one port (SO_REUSEPORT).
+
+Workers are started with the ``spawn`` method so each gets a fresh interpreter
+(and its own event loop); prometheus-client's multiprocess mode sums their metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import os
+import shutil
+import signal
+import ssl
+import tempfile
+from typing import Any
+
+from aiohttp import web
+
+from . import config as config_mod
+from . import log as log_mod
+from .app import TASKS, create_app, drain, reload
+
+log = logging.getLogger("edgecache.serve")
+Source = tuple[str | None, dict[str, Any]]  # config file and flags, re-read on SIGHUP
+
+
+def serve(cfg: config_mod.Config, source: Source) -> int:
+    if cfg.server.workers == 1:
+        return run_worker(cfg, False, source)
+    metrics_dir = tempfile.mkdtemp(prefix="edgecache-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=run_worker, args=(cfg, True, source), name=f"edgecache-worker-{i}") for i in range(cfg.server.workers)]
+    for p in procs:
+        p.start()
+
+    def forward(signum: int, _frame: Any) -> None:
+        for p in procs:
+            if p.pid is not None and p.is_alive():
+                os.kill(p.pid, signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, forward)
+    codes = []
+    for p in procs:
+        p.join()
+        codes.append(p.exitcode or 0)
+    shutil.rmtree(metrics_dir, ignore_errors=True)
+    return max(codes)
+
+
+def run_worker(cfg: config_mod.Config, reuse_port: bool, source: Source) -> int:
+    log_mod.setup(cfg.log_level)
+    if cfg.server.event_loop == "uvloop":
+        import uvloop
+
+        return uvloop.run(_serve(cfg, reuse_port, source))
+    return asyncio.run(_serve(cfg, reuse_port, source))
+
+
+async def _serve(cfg: config_mod.Config, reuse_port: bool, source: Source) -> int:
+    app = create_app(cfg)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=cfg.server.shutdown_timeout,
+                           handle_signals=False)
+    await runner.setup()
+    host, port = cfg.server.listen
+    ssl_ctx = None
+    if cfg.server.tls_cert:
+        ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ssl_ctx.load_cert_chain(cfg.server.tls_cert, cfg.server.tls_key)
+    site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None, ssl_context=ssl_ctx, backlog=1024)
+    await site.start()
+    log.info("listening on %s:%d (pid %d, loop %s)", host, port, os.getpid(), type(asyncio.get_running_loop()).__module__)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    def on_hup() -> None:
+        try:
+            new = config_mod.load(source[0], os.environ, source[1])
+        except config_mod.ConfigError as e:
+            log.error("SIGHUP: config error, keeping the running config: %s", e)
+            return
+        app[TASKS].spawn(reload(app, new), "reload")
+
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    await stop.wait()
+    log.info("shutting down: draining for up to %.0fs", cfg.server.shutdown_timeout)
+    drain(app)
+    await runner.cleanup()
+    log.info("stopped")
+    return 0

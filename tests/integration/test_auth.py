@@ -1,0 +1,203 @@
+"""Credential passthrough and tenancy against a real token-auth registry (issue: passthrough).
+
+``DockerClient`` below does what Docker, containerd and skopeo do: take the
+challenge from a 401, fetch a token from the realm it names (edgecache's own
+token endpoint in passthrough mode), retry with the Bearer token.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+
+import aiohttp
+import orjson
+import pytest
+
+from tests.support.edge import Edge, EdgeFactory
+from tests.support.registry import RegistryProcess
+from tests.support.seed import parse_bearer_challenge
+from tests.support.tap import Tap
+from tests.support.token_server import TokenServer
+
+ACCEPT = {"Accept": "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json"}
+
+
+def realm_host(ts: TokenServer) -> str:
+    return ts.realm.split("://", 1)[1].split("/", 1)[0]
+
+
+class DockerClient:
+    """A registry client that answers Bearer challenges with its own credentials (or none)."""
+
+    def __init__(self, http: aiohttp.ClientSession, user: str | None = None, password: str | None = None,
+                 grant: str = "GET") -> None:
+        self.http, self.user, self.password, self.grant = http, user, password, grant
+        self.token: str | None = None
+        self.tokens_seen: list[str] = []
+
+    def _basic(self) -> dict[str, str]:
+        if self.user is None:
+            return {}
+        raw = base64.b64encode(f"{self.user}:{self.password}".encode()).decode()
+        return {"Authorization": f"Basic {raw}"}
+
+    async def get(self, url: str, method: str = "GET", headers: dict[str, str] | None = None) -> tuple[int, bytes, dict[str, str]]:
+        for _ in range(2):
+            h = dict(headers or {})
+            if self.token:
+                h["Authorization"] = f"Bearer {self.token}"
+            async with self.http.request(method, url, headers=h) as r:
+                body = await r.read()
+                if r.status != 401 or self.token is not None and _ > 0:
+                    return r.status, body, dict(r.headers)
+                challenge = parse_bearer_challenge(r.headers.get("WWW-Authenticate", ""))
+                if not challenge:
+                    return r.status, body, dict(r.headers)
+            await self._fetch_token(challenge)
+        return r.status, body, dict(r.headers)
+
+    async def _fetch_token(self, challenge: dict[str, str]) -> None:
+        params = {k: v for k, v in challenge.items() if k in ("service", "scope")}
+        if self.grant == "POST":
+            form = {"grant_type": "password", "username": self.user or "", "password": self.password or "",
+                    "client_id": "test", **params}
+            async with self.http.post(challenge["realm"], data=form) as r:
+                doc = await r.json()
+                assert r.status == 200, doc
+        else:
+            async with self.http.get(challenge["realm"], params=params, headers=self._basic()) as r:
+                doc = await r.json()
+                if r.status != 200:
+                    self.token = "refused"
+                    return
+        self.token = doc.get("token") or doc["access_token"]
+        self.tokens_seen.append(self.token or "")
+
+
+@pytest.fixture
+async def auth_edge(edge_factory: EdgeFactory, make_tap: object, token_registry: RegistryProcess,
+                    token_server: TokenServer) -> tuple[Edge, Tap]:
+    tap = await make_tap(token_registry.url)  # type: ignore[operator]
+    edge = await edge_factory(tap.url, auth="passthrough", token_realm_hosts=[realm_host(token_server)],
+                              access_ttl="1m")
+    return edge, tap
+
+
+async def pull_image(client: DockerClient, edge: Edge, repo: str, tag: str) -> dict[str, int]:
+    """Pull manifest by tag, then every blob; returns status per path."""
+    statuses = {}
+    status, body, _ = await client.get(f"{edge.url}/v2/{repo}/manifests/{tag}", headers=ACCEPT)
+    statuses["manifest"] = status
+    if status != 200:
+        return statuses
+    manifest = orjson.loads(body)
+    for desc in [manifest["config"], *manifest["layers"]]:
+        status, blob, _ = await client.get(f"{edge.url}/v2/{repo}/blobs/{desc['digest']}")
+        statuses[desc["digest"]] = status
+        if status == 200:
+            assert hashlib.sha256(blob).hexdigest() == desc["digest"][7:]
+    return statuses
+
+
+async def test_passthrough_public_image_anonymously(auth_edge: tuple[Edge, Tap], token_registry: RegistryProcess) -> None:
+    edge, _ = auth_edge
+    async with aiohttp.ClientSession() as http:
+        async with http.get(edge.url + "/v2/") as r:  # the ping challenges, with our own realm
+            assert r.status == 401
+            challenge = parse_bearer_challenge(r.headers["WWW-Authenticate"])
+            assert challenge["realm"] == f"{edge.url}/_edgecache/token/up"
+        statuses = await pull_image(DockerClient(http), edge, "public/app", "v1")
+    assert set(statuses.values()) == {200}
+
+
+async def test_private_image_is_served_only_to_those_the_upstream_lets_in(
+        auth_edge: tuple[Edge, Tap], token_registry: RegistryProcess, token_server: TokenServer) -> None:
+    edge, tap = auth_edge
+    img = token_registry.seeded.private
+    async with aiohttp.ClientSession() as http:
+        alice = DockerClient(http, "alice", "alicepw")
+        assert set((await pull_image(alice, edge, img.repo, "v1")).values()) == {200}
+        tap.reset()
+        paths = [f"/v2/{img.repo}/manifests/{img.digest}", f"/v2/{img.repo}/manifests/v1"] + [
+            f"/v2/{img.repo}/blobs/{d}" for d in (img.config_digest, *img.layer_digests)]
+        for who in (DockerClient(http), DockerClient(http, "mallory", "mallorypw"),
+                    DockerClient(http, "alice", "wrong-password")):
+            for path in paths:
+                for method in ("GET", "HEAD"):
+                    status, body, headers = await who.get(edge.url + path, method=method)
+                    assert status in (401, 403), (who.user, path, status)
+                    for d, content in img.blobs.items():
+                        assert content not in body or not content
+                    assert img.manifest not in body
+                    if method == "GET":
+                        assert orjson.loads(body)["errors"][0]["code"] in ("UNAUTHORIZED", "DENIED")
+        bob = DockerClient(http, "bob", "bobpw")
+        statuses = await pull_image(bob, edge, img.repo, "v1")
+        assert set(statuses.values()) == {200}
+    # bob was served from the cache: upstream saw only HEADs (the access checks) and no blob GET
+    assert tap.count("GET", "blob") == 0
+
+
+async def test_access_confirmation_is_remembered(auth_edge: tuple[Edge, Tap], token_registry: RegistryProcess) -> None:
+    edge, tap = auth_edge
+    img = token_registry.seeded.private
+    async with aiohttp.ClientSession() as http:
+        alice = DockerClient(http, "alice", "alicepw")
+        await pull_image(alice, edge, img.repo, "v1")
+        tap.reset()
+        for _ in range(3):
+            statuses = await pull_image(alice, edge, img.repo, "v1")
+            assert set(statuses.values()) == {200}
+    assert tap.count() == 0  # same credential, within access_ttl and tag_ttl: no upstream request
+
+
+@pytest.mark.parametrize("grant", ["GET", "POST"])
+async def test_token_relay_grants(auth_edge: tuple[Edge, Tap], token_registry: RegistryProcess,
+                                  token_server: TokenServer, grant: str) -> None:
+    edge, _ = auth_edge
+    token_server.clear()
+    async with aiohttp.ClientSession() as http:
+        alice = DockerClient(http, "alice", "alicepw", grant=grant)
+        status, body, _ = await alice.get(f"{edge.url}/v2/private/app/manifests/v1", headers=ACCEPT)
+        assert status == 200 and body == token_registry.seeded.private.manifest
+        relayed = [r for r in token_server.requests if r.username == "alice"]
+        assert relayed and relayed[0].method == grant
+        async with http.get(f"{edge.url}/_edgecache/token/up", params={"scope": "repository:private/app:pull"},
+                            headers={"Authorization": "Basic " + base64.b64encode(b"alice:nope").decode()}) as r:
+            assert r.status == 401
+
+
+async def test_realm_on_unconfigured_http_host_is_refused(edge_factory: EdgeFactory, make_tap: object,
+                                                          token_registry: RegistryProcess,
+                                                          token_server: TokenServer) -> None:
+    tap = await make_tap(token_registry.url)  # type: ignore[operator]
+    edge = await edge_factory(tap.url, auth="anonymous")  # token server's http host not configured
+    token_server.clear()
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{edge.url}/v2/public/app/manifests/v1", headers=ACCEPT) as r:
+            assert r.status == 502
+            assert "realm" in (await r.json())["errors"][0]["message"]
+    assert token_server.requests == []  # never dialled
+
+
+async def test_logs_never_contain_credentials(auth_edge: tuple[Edge, Tap], token_registry: RegistryProcess,
+                                              caplog: pytest.LogCaptureFixture) -> None:
+    from edgecache.log import JsonFormatter
+
+    edge, _ = auth_edge
+    caplog.set_level(logging.DEBUG)
+    async with aiohttp.ClientSession() as http:
+        alice = DockerClient(http, "alice", "alicepw")
+        await pull_image(alice, edge, "private/app", "v1")
+        await pull_image(DockerClient(http, "mallory", "mallorypw"), edge, "private/app", "v1")
+        secrets = ["alicepw", "mallorypw", base64.b64encode(b"alice:alicepw").decode(), *alice.tokens_seen]
+    formatter = JsonFormatter()
+    text = "\n".join(formatter.format(r) for r in caplog.records)
+    assert "edgecache.access" in text  # the access log was captured
+    for secret in secrets:
+        assert secret not in text
+    metrics = edge.app[__import__("edgecache.app", fromlist=["METRICS"]).METRICS].render().decode()
+    for secret in secrets:
+        assert secret not in metrics

@@ -104,10 +104,13 @@ class EdgeProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, url: str, deadline: float = 20.0) -> None:
+        self.start_nowait()
+        wait_ready(url, deadline, self.proc)
+
+    def start_nowait(self) -> None:
         self._log = open(self.log_file, "ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "edgecache", "serve", "--config", str(self.config_file)],
                                      stdout=self._log, stderr=subprocess.STDOUT, env=self.env, cwd=ROOT)
-        wait_ready(url, deadline, self.proc)
 
     def signal(self, sig: int) -> None:
         assert self.proc is not None

@@ -4,8 +4,8 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 CONFIG ?= config/edgecache.toml
-DEB_TEST_PKGS := docker-registry skopeo nginx-light redis-server containerd podman
-DEB_TEST_BINS := /usr/bin/docker-registry /usr/bin/skopeo /usr/sbin/nginx /usr/bin/redis-server /usr/bin/containerd /usr/bin/podman
+DEB_TEST_PKGS := docker-registry skopeo nginx-light redis-server containerd podman wrk curl
+DEB_TEST_BINS := /usr/bin/docker-registry /usr/bin/skopeo /usr/sbin/nginx /usr/bin/redis-server /usr/bin/containerd /usr/bin/podman /usr/bin/wrk /usr/bin/curl
 
 .PHONY: run test venv deb-test-deps lint bench smoke clean
 

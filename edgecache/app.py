@@ -9,6 +9,7 @@ import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiohttp
 import orjson
 from aiocache import BaseCache, Cache
 from aiohttp import web
@@ -20,6 +21,7 @@ from .metadata import Metadata
 from .metrics import Metrics
 from .middleware import PUBLIC_URL, Htpasswd, make_middlewares
 from .oci import MANIFEST_TYPES, MAX_MANIFEST_BYTES, OCTET_STREAM, Digest
+from .policy import Blocklist, Scanner
 from .pullthrough import Evictor, PullThrough
 from .storage import BlobStore
 from .tasks import TaskOwner
@@ -94,6 +96,12 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     evictor = Evictor(store, metadata, metrics, config.cache.max_size, config.cache.high_watermark,
                       config.cache.low_watermark, tasks.spawn)
     policy = PullThrough(store, metadata, flights, access, metrics, evictor)
+    policy.blocklist = Blocklist(config.blocklist)
+    policy.blocklist.reload()
+    scan_session = aiohttp.ClientSession()
+    policy.scanners = {u.name: Scanner(u.scanner_url, u.scanner_ttl, u.scanner_fail_open, u.scanner_timeout,
+                                       scan_session, metadata.get_value, metadata.set_value)
+                       for u in config.upstreams if u.scanner_url}
     state.store, state.metadata, state.clients, state.policy, state.flights = store, metadata, clients, policy, flights
 
     async def readiness() -> list[str]:
@@ -119,6 +127,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
             await c.close()
         await tokens.close()
         await access.close()
+        await scan_session.close()
         await metadata.close()
         if shared_tags is not None:
             await shared_tags.close()
@@ -213,6 +222,8 @@ async def reload(app: web.Application, new: Config) -> list[str]:
     changed += [c.name for c in retired if c.name not in clients]
     state.clients = clients
     app[routes.CTX].router = routes.Router(clients)
+    if state.policy is not None:
+        state.policy.blocklist.reload()
 
     async def retire() -> None:
         await asyncio.sleep(new.server.shutdown_timeout)  # let requests that hold the old client finish

@@ -94,6 +94,10 @@ class UpstreamConfig:
     deny: tuple[str, ...] = ()  # repository globs that may not be pulled
     pinned_tags: tuple[str, ...] = ()  # "repo:tag" globs whose first digest is kept
     upstream_ns: str | None = None  # send ?ns=<this> upstream: the upstream is another edgecache (tiers)
+    scanner_url: str | None = None  # scan gate webhook (POST JSON); None: no gate
+    scanner_ttl: float = 3600.0  # how long a verdict is cached, per digest
+    scanner_timeout: float = 10.0
+    scanner_fail_open: bool = False  # scanner unreachable: allow (true) or refuse (false, the default)
 
     @property
     def host(self) -> str:
@@ -138,10 +142,22 @@ class CacheConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class Replication:
+    """An image kept warm in the cache, refreshed every ``interval`` (DESIGN §5b)."""
+
+    upstream: str
+    image: str  # repository[:tag|@digest] as the upstream names it
+    platforms: tuple[str, ...] = ()  # os/arch[/variant]; empty: every platform
+    interval: float = 3600.0
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     upstreams: tuple[UpstreamConfig, ...] = ()
+    blocklist: str | None = None  # file of blocked digests, re-read when it changes
+    replicate: tuple[Replication, ...] = ()
     redis_url: str | None = None  # optional shared tag/token state (aiocache Redis backend)
     log_level: str = "INFO"
 
@@ -213,7 +229,8 @@ def _cache(t: Mapping[str, Any]) -> CacheConfig:
     return CacheConfig(**kw)
 
 
-_UP_DURATIONS = {"tag_ttl", "max_stale", "negative_ttl", "connect_timeout", "read_timeout", "access_ttl"}
+_UP_DURATIONS = {"tag_ttl", "max_stale", "negative_ttl", "connect_timeout", "read_timeout", "access_ttl",
+                 "scanner_ttl", "scanner_timeout"}
 _UP_LISTS = {"namespaces", "token_realm_hosts", "allow", "deny", "pinned_tags"}
 
 
@@ -229,7 +246,7 @@ def _upstream(name: str, t: Mapping[str, Any]) -> UpstreamConfig:
             kw[k] = parse_duration(v, key)
         elif k in _UP_LISTS:
             kw[k] = _str_list(v, key)
-        elif k in ("default", "library_prefix"):
+        elif k in ("default", "library_prefix", "scanner_fail_open"):
             kw[k] = _typed(v, bool, key)
         elif k in ("max_connections", "retries"):
             kw[k] = _typed(v, int, key)
@@ -265,7 +282,7 @@ def _tag_ttls(v: Any, key: str) -> tuple[TagTTL, ...]:
 
 def from_mapping(data: Mapping[str, Any]) -> Config:
     """Build and validate a Config from a parsed TOML document."""
-    _check_keys(data, {"version", "server", "cache", "upstreams", "redis", "log"}, "")
+    _check_keys(data, {"version", "server", "cache", "upstreams", "redis", "log", "policy", "replicate"}, "")
     if data.get("version") != 1:
         raise ConfigError("version: expected 1")
     ups = data.get("upstreams", {})
@@ -276,7 +293,11 @@ def from_mapping(data: Mapping[str, Any]) -> Config:
     _check_keys(redis, {"url"}, "redis.")
     log = data.get("log", {})
     _check_keys(log, {"level"}, "log.")
+    pol = data.get("policy", {})
+    _check_keys(pol, {"blocklist"}, "policy.")
     cfg = Config(
+        blocklist=_typed(pol["blocklist"], str, "policy.blocklist") if "blocklist" in pol else None,
+        replicate=_replications(data.get("replicate", [])),
         server=_server(data.get("server", {})),
         cache=_cache(data.get("cache", {})),
         upstreams=upstreams,
@@ -285,6 +306,24 @@ def from_mapping(data: Mapping[str, Any]) -> Config:
     )
     validate(cfg)
     return cfg
+
+
+def _replications(items: Any) -> tuple[Replication, ...]:
+    if not isinstance(items, list):
+        raise ConfigError("replicate: expected an array of tables ([[replicate]])")
+    out = []
+    for i, t in enumerate(items):
+        where = f"replicate[{i}]."
+        if not isinstance(t, dict):
+            raise ConfigError(f"replicate[{i}]: expected a table")
+        _check_keys(t, {"upstream", "image", "platforms", "interval"}, where)
+        for key in ("upstream", "image"):
+            if key not in t:
+                raise ConfigError(f"{where}{key}: required")
+        out.append(Replication(_typed(t["upstream"], str, where + "upstream"), _typed(t["image"], str, where + "image"),
+                               _str_list(t.get("platforms", []), where + "platforms"),
+                               parse_duration(t.get("interval", "1h"), where + "interval")))
+    return tuple(out)
 
 
 def validate(cfg: Config) -> None:
@@ -303,6 +342,10 @@ def validate(cfg: Config) -> None:
             if u.prefix in seen_prefix:
                 raise ConfigError(f"upstreams.{u.name}.prefix: {u.prefix!r} already used by {seen_prefix[u.prefix]}")
             seen_prefix[u.prefix] = u.name
+    names = {u.name for u in cfg.upstreams}
+    for i, r in enumerate(cfg.replicate):
+        if r.upstream not in names:
+            raise ConfigError(f"replicate[{i}].upstream: no upstream named {r.upstream!r}")
     if cfg.cache.low_watermark > cfg.cache.high_watermark:
         raise ConfigError("cache.low_watermark: must not exceed cache.high_watermark")
 

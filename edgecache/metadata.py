@@ -260,6 +260,24 @@ class Metadata:
     async def clear_negative(self, key: str) -> None:
         await self._run(self.meta.pop, "n|" + key, None)
 
+    async def get_value(self, key: str) -> Any:
+        return await self._run(self.meta.get, "x|" + key)
+
+    async def set_value(self, key: str, value: Any, ttl: float | None = None) -> None:
+        await self._run(lambda: self.meta.set("x|" + key, value, expire=ttl))
+
+    async def add_parent(self, children: list[str], parent: str) -> None:
+        """Remember that ``children`` were reached through index ``parent`` (a blocked index blocks them)."""
+        def add() -> None:
+            for child in children:
+                parents = set(self.meta.get("p|" + child, ()))
+                if parent not in parents:
+                    self.meta.set("p|" + child, tuple(parents | {parent}))
+        await self._run(add)
+
+    async def parents(self, child: str) -> tuple[str, ...]:
+        return tuple(await self._run(self.meta.get, "p|" + child, ()))
+
     async def count_entries(self) -> int:
         return int(await self._run(len, self.entries))
 

@@ -26,6 +26,7 @@ from .config import UpstreamConfig
 from .metadata import Metadata, TagEntry
 from .metrics import Metrics
 from .oci import Digest
+from .policy import Blocklist, Scanner
 from .storage import BlobStore, FillInfo
 from .upstream import Credential, UpstreamClient, UpstreamResponse
 
@@ -117,7 +118,8 @@ class PullThrough:
         self.metrics = metrics
         self.evictor = evictor
         self.clock = clock
-        self._io = asyncio.get_running_loop
+        self.blocklist = Blocklist(None)
+        self.scanners: dict[str, Scanner] = {}  # upstream name -> scan gate
         self._tags: SingleFlight[ManifestResult] = SingleFlight()
         self._manifests: SingleFlight[ManifestResult] = SingleFlight()
         self._probes: SingleFlight[bool] = SingleFlight()
@@ -183,9 +185,33 @@ class PullThrough:
     # manifests ------------------------------------------------------------------
     async def manifest(self, target: Target, ref: oci.Reference, accept: str) -> ManifestResult:
         if ref.digest is not None:
-            return await self._manifest_by_digest(target, ref.digest, accept)
-        assert ref.tag is not None
-        return await self._manifest_by_tag(target, ref.tag, accept)
+            self.blocklist.check(str(ref.digest), *await self.metadata.parents(str(ref.digest)))
+            result = await self._manifest_by_digest(target, ref.digest, accept)
+        else:
+            assert ref.tag is not None
+            result = await self._manifest_by_tag(target, ref.tag, accept)
+        await self._gate(target, str(ref), result)
+        return result
+
+    async def _gate(self, target: Target, reference: str, result: ManifestResult) -> None:
+        """Blocklist (the manifest and any index it was reached through) and the scan gate."""
+        self.blocklist.check(result.digest, *await self.metadata.parents(result.digest))
+        scanner = self.scanners.get(target.upstream.name)
+        if scanner is not None:
+            ns = target.cfg.namespaces[0] if target.cfg.namespaces else target.cfg.host
+            await scanner.check(f"{ns}/{target.repo}", reference, result.digest, result.media_type)
+
+    async def _note_children(self, digest: str, media_type: str, data: bytes) -> None:
+        """An index's children remember it, so blocking the index blocks pulls through it."""
+        if media_type not in oci.INDEX_TYPES:
+            return
+        try:
+            doc = __import__("orjson").loads(data)
+            children = [str(m["digest"]) for m in doc.get("manifests", []) if isinstance(m, dict) and "digest" in m]
+        except (ValueError, TypeError, AttributeError):
+            return
+        if children:
+            await self.metadata.add_parent(children, digest)
 
     async def _cached_manifest(self, digest: str) -> tuple[bytes, str] | None:
         entry = await self.metadata.get_entry(digest)
@@ -230,6 +256,8 @@ class PullThrough:
         finally:
             resp.release()
         digest = self._verify_manifest(target, data, expect, header_digest)
+        self.blocklist.check(str(digest))
+        await self._note_children(str(digest), media_type, data)
         await self._run(self.store.write_verified, digest, data)
         await self.metadata.put_entry(str(digest), len(data), media_type)
         await self.metadata.add_link(target.upstream.name, target.repo, str(digest))
@@ -331,6 +359,7 @@ class PullThrough:
     # blobs ------------------------------------------------------------------------
     async def blob(self, target: Target, digest: Digest, head: bool) -> BlobResult:
         key = str(digest)
+        self.blocklist.check(key)
         entry = await self.metadata.get_entry(key)
         if entry is not None:
             path = self.store.path(digest)

@@ -6,6 +6,7 @@ Every OCI layout skopeo writes is re-hashed blob by blob and compared with the s
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 from pathlib import Path
@@ -160,9 +161,10 @@ async def test_passthrough_credentials(edge_factory: EdgeFactory, make_tap: obje
         assert up.count("GET", "blob", d) == 1
         assert all(r.has_auth for r in up.find("GET", "blob", d))
 
-    for creds in (("--src-no-creds",), ("--src-creds", "mallory:mallorypw")):
-        dest = tmp_path / creds[-1].split(":")[0].lstrip("-")
-        code, out = await skopeo(skopeo_env, "copy", "--src-tls-verify=false", *creds, f"docker://{src}",
+    by_digest = f"{edge.host}/{img.repo}@{img.digest}"  # cached now: edgecache must still ask the upstream
+    for creds, ref in itertools.product((("--src-no-creds",), ("--src-creds", "mallory:mallorypw")), (src, by_digest)):
+        dest = tmp_path / (creds[-1].split(":")[0].lstrip("-") + ("-d" if "@" in ref else "-t"))
+        code, out = await skopeo(skopeo_env, "copy", "--src-tls-verify=false", *creds, f"docker://{ref}",
                                  f"oci:{dest}:v1")
         assert code != 0, f"{creds} could read {img.repo} through the cache:\n{out}"
         assert not any(dest.glob("blobs/*/*")) or not (set(p.name for p in dest.glob("blobs/*/*"))

@@ -6,12 +6,8 @@ import hashlib
 import json
 from pathlib import Path
 
-import pytest
-
 from tests.support.edge import edge_factory, http  # noqa: F401  (fixtures)
 from tests.support.token_server import TokenServer
-
-pytestmark = pytest.mark.e2e
 
 
 def realm_host(ts: TokenServer) -> str:

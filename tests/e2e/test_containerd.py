@@ -40,7 +40,7 @@ DEPLOY_HOSTS_TOML = ROOT / "deploy/clients/containerd/certs.d/docker.io/hosts.to
 
 def containerd_major() -> int:
     out = subprocess.run(["containerd", "--version"], capture_output=True, text=True, check=True).stdout
-    m = re.search(r"\s v?(\d+)\.(\d+)", out) or re.search(r"(\d+)\.(\d+)\.\d+", out)
+    m = re.search(r"\sv?(\d+)\.(\d+)\.\d+", out) or re.search(r"(\d+)\.(\d+)\.\d+", out)
     assert m is not None, out
     return int(m.group(1))
 

@@ -59,6 +59,8 @@ class Metadata:
         self._links: set[str] = set()
         self._touched: dict[str, float] = {}
         self._counts: dict[str, int] = {}
+        self._tag_front: dict[str, TagEntry] = {}  # this process's view; the index is the shared truth
+        self._parents: dict[str, tuple[str, ...]] = {}
         self.is_open = False
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
@@ -217,14 +219,23 @@ class Metadata:
         await self._run(self.meta.set, f"v|{upstream}|{repo}", value)
 
     # tags and negative answers ----------------------------------------------------
-    async def get_tag(self, key: str) -> TagEntry | None:
-        if self._shared_tags is not None:
+    async def get_tag(self, key: str, cached: bool = True) -> TagEntry | None:
+        """A tag entry; ``cached`` allows this process's copy (the caller re-reads when it looks stale)."""
+        if self._shared_tags is not None:  # Redis: always the shared answer, so instances agree
             raw = await self._shared_tags.get("t|" + key)
-        else:
-            raw = await self._run(self.meta.get, "t|" + key)
-        return TagEntry(**raw) if isinstance(raw, dict) else None
+            return TagEntry(**raw) if isinstance(raw, dict) else None
+        if cached and key in self._tag_front:
+            return self._tag_front[key]
+        raw = await self._run(self.meta.get, "t|" + key)
+        entry = TagEntry(**raw) if isinstance(raw, dict) else None
+        if entry is not None:
+            self._tag_front[key] = entry
+        return entry
 
     async def set_tag(self, key: str, entry: TagEntry) -> None:
+        if len(self._tag_front) > 100_000:
+            self._tag_front.clear()
+        self._tag_front[key] = entry
         if self._shared_tags is not None:
             await self._shared_tags.set("t|" + key, asdict(entry))
         else:
@@ -233,6 +244,7 @@ class Metadata:
     async def purge(self, prefix: str) -> int:
         """Drop tag, negative, link and visibility records whose key starts with ``prefix`` (after the kind)."""
         self._links.clear()
+        self._tag_front.clear()
         n = 0
         if self._shared_tags is not None:
             keys = await self._shared_tags.raw("keys", f"{self._shared_tags.namespace or ''}t|{prefix}*")
@@ -273,10 +285,17 @@ class Metadata:
                 parents = set(self.meta.get("p|" + child, ()))
                 if parent not in parents:
                     self.meta.set("p|" + child, tuple(parents | {parent}))
+                self._parents[child] = tuple(parents | {parent})
         await self._run(add)
 
     async def parents(self, child: str) -> tuple[str, ...]:
-        return tuple(await self._run(self.meta.get, "p|" + child, ()))
+        found = self._parents.get(child)
+        if found is None:
+            found = tuple(await self._run(self.meta.get, "p|" + child, ()))
+            if len(self._parents) > 100_000:
+                self._parents.clear()
+            self._parents[child] = found
+        return found
 
     async def count_entries(self) -> int:
         return int(await self._run(len, self.entries))

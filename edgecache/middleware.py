@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import ipaddress
+import itertools
 import logging
 import secrets
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import bcrypt
 from aiohttp import web
@@ -72,12 +74,16 @@ class Htpasswd:
 def make_middlewares(metrics: Metrics, allow_cidrs: tuple[str, ...], htpasswd: Htpasswd | None,
                      access_logging: bool) -> list[Callable[..., Awaitable[web.StreamResponse]]]:
     networks = [ipaddress.ip_network(c, strict=False) for c in allow_cidrs]
+    # Request ids: a random per-process prefix and a counter (os.urandom per request is slow on some VMs).
+    prefix = uuid.uuid4().hex[:8]
+    label_cache: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+    counter = itertools.count(1)
     auth_cache: dict[str, bool] = {}
 
     @web.middleware
     async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
         rid = request.headers.get("X-Request-Id", "")
-        rid = rid if rid.isalnum() and len(rid) <= 64 else uuid.uuid4().hex[:16]
+        rid = rid if rid.isalnum() and len(rid) <= 64 else f"{prefix}{next(counter):x}"
         token = request_id.set(rid)
         started = time.monotonic()
         status = 500
@@ -110,11 +116,17 @@ def make_middlewares(metrics: Metrics, allow_cidrs: tuple[str, ...], htpasswd: H
         finally:
             metrics.in_progress.dec()
             seconds = time.monotonic() - started
-            api = info(request).api
+            ri = info(request)
+            api = ri.api
             route = api.route if api is not None else _route_of(request)
-            metrics.requests.labels(route, request.method, str(status)).inc()
-            metrics.request_seconds.labels(route).observe(seconds)
-            outcome = info(request).cache
+            key = (route, request.method, status)
+            children = label_cache.get(key)
+            if children is None:  # labels() costs a lock and a dict build per call: do it once per key
+                children = label_cache[key] = (metrics.requests.labels(route, request.method, str(status)),
+                                               metrics.request_seconds.labels(route))
+            children[0].inc()
+            children[1].observe(seconds)
+            outcome = ri.cache
             if outcome is not None and api is not None and api.kind.value in ("manifest", "blob") and status < 400:
                 metrics.outcomes.labels(outcome.lower()).inc()
             if access_logging:

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import fnmatch
 import hashlib
 import logging
 import os
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +39,7 @@ CHUNK_WRITE = 1 << 20
 MAX_RESUMES = 3
 # A Range that starts this far past the download position is fetched directly.
 DIRECT_RANGE_GAP = 64 << 20
+HOT_MANIFEST_BYTES = 32 << 20
 
 
 class Outcome(enum.Enum):
@@ -120,6 +123,8 @@ class PullThrough:
         self.clock = clock
         self.blocklist = Blocklist(None)
         self.scanners: dict[str, Scanner] = {}  # upstream name -> scan gate
+        self._hot: OrderedDict[str, bytes] = OrderedDict()  # manifest bytes by digest, bounded
+        self._hot_bytes = 0
         self._tags: SingleFlight[ManifestResult] = SingleFlight()
         self._manifests: SingleFlight[ManifestResult] = SingleFlight()
         self._probes: SingleFlight[bool] = SingleFlight()
@@ -217,12 +222,24 @@ class PullThrough:
         entry = await self.metadata.get_entry(digest)
         if entry is None:
             return None
+        self.metadata.touch(digest)
+        hot = self._hot.get(digest)
+        if hot is not None:
+            return hot, entry.media_type
         data = await self._run(self.store.read, Digest.parse(digest))
         if data is None:
             await self.metadata.drop_entry(digest)
             return None
-        self.metadata.touch(digest)
+        self._remember_manifest(digest, data)
         return data, entry.media_type
+
+    def _remember_manifest(self, digest: str, data: bytes) -> None:
+        """Keep small documents in memory: manifests are read far more often than they change (never)."""
+        self._hot[digest] = data
+        self._hot_bytes += len(data)
+        while self._hot_bytes > HOT_MANIFEST_BYTES:
+            _, old = self._hot.popitem(last=False)
+            self._hot_bytes -= len(old)
 
     async def _manifest_by_digest(self, target: Target, digest: Digest, accept: str) -> ManifestResult:
         cached = await self._cached_manifest(str(digest))
@@ -259,6 +276,7 @@ class PullThrough:
         self.blocklist.check(str(digest))
         await self._note_children(str(digest), media_type, data)
         await self._run(self.store.write_verified, digest, data)
+        self._remember_manifest(str(digest), data)
         await self.metadata.put_entry(str(digest), len(data), media_type)
         await self.metadata.add_link(target.upstream.name, target.repo, str(digest))
         await self._remember_access(target, path)
@@ -286,9 +304,12 @@ class PullThrough:
         key = self._tag_key(target, tag, accept)
         entry = await self.metadata.get_tag(key)
         now = self.clock()
-        pinned = target.cfg.pinned_tags and any(
-            __import__("fnmatch").fnmatchcase(f"{target.repo}:{tag}", p) for p in target.cfg.pinned_tags)
-        if entry is not None and (pinned or now - entry.fetched_at < target.cfg.ttl_for(target.repo, tag)):
+        pinned = bool(target.cfg.pinned_tags) and any(
+            fnmatch.fnmatchcase(f"{target.repo}:{tag}", p) for p in target.cfg.pinned_tags)
+        ttl = target.cfg.ttl_for(target.repo, tag)
+        if entry is not None and not pinned and now - entry.fetched_at >= ttl:
+            entry = await self.metadata.get_tag(key, cached=False)  # another worker may have revalidated
+        if entry is not None and (pinned or now - entry.fetched_at < ttl):
             cached = await self._cached_manifest(entry.digest)
             if cached is not None:
                 await self.authorize_cached(target, oci.Kind.MANIFEST, entry.digest, accept)

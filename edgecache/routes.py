@@ -8,6 +8,7 @@ values and a :class:`~edgecache.pullthrough.Target`.
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import os
 import re
 from collections.abc import Mapping
@@ -82,8 +83,6 @@ def target_for(request: web.Request, router: Router, api: oci.ApiPath) -> Target
 
 def check_policy(client: UpstreamClient, repo: str) -> None:
     """Allow and deny rules (DESIGN §5b), decided before any upstream request."""
-    import fnmatch
-
     for pattern in client.cfg.deny:
         if fnmatch.fnmatchcase(repo, pattern):
             raise errors.Denied(f"repository {repo!r} is denied by rule deny={pattern!r} of upstream {client.name}",

@@ -226,10 +226,14 @@ class UpstreamClient:
         if resp.status != 401 or cred.scheme == "bearer":
             return resp
         challenge = resp.headers.get("WWW-Authenticate", "")
-        resp.release()
-        new_auth = await self._answer_challenge(challenge, scope, cred)
+        if auth is not None and "insufficient_scope" in challenge:
+            return resp  # a valid token without access (RFC 6750 §3.1): a new one would say the same
+        if auth is not None:  # the cached token was refused (expired, revoked): forget it, get a new one
+            await self._tokens.delete(self._token_key(scope, cred))
+        new_auth = await self._answer_challenge(challenge, scope, cred, refused=auth)
         if new_auth is None or new_auth == auth:
-            return await self._send(method, url, headers, auth)
+            return resp  # nothing new to present: the 401 is the answer (no identical resend)
+        resp.release()
         return await self._send(method, url, headers, new_auth)
 
     async def _cached_auth(self, scope: str, cred: Credential) -> str | None:
@@ -241,7 +245,7 @@ class UpstreamClient:
     def _token_key(self, scope: str, cred: Credential) -> str:
         return f"{self.name}|{scope}|{cred.key}"
 
-    async def _answer_challenge(self, challenge: str, scope: str, cred: Credential) -> str | None:
+    async def _answer_challenge(self, challenge: str, scope: str, cred: Credential, refused: str | None = None) -> str | None:
         scheme, params = parse_challenge(challenge)
         if scheme == "basic":
             return cred.header if cred.scheme == "basic" else None
@@ -251,7 +255,7 @@ class UpstreamClient:
         lock = self._token_locks.setdefault(key, asyncio.Lock())
         async with lock:  # one token fetch per (scope, credential) at a time
             cached = await self._tokens.get(key)
-            if isinstance(cached, str):
+            if isinstance(cached, str) and cached != refused:  # another request fetched a new one meanwhile
                 return cached
             token, ttl = await self.fetch_token(params["realm"], params.get("service"), params.get("scope") or scope, cred)
             header = f"Bearer {token}"

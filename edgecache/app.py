@@ -23,6 +23,7 @@ from .middleware import PUBLIC_URL, Htpasswd, make_middlewares
 from .oci import MANIFEST_TYPES, MAX_MANIFEST_BYTES, OCTET_STREAM, Digest
 from .policy import Blocklist, Scanner
 from .pullthrough import Evictor, PullThrough
+from .replicate import Replicator
 from .storage import BlobStore
 from .tasks import TaskOwner
 from .upstream import UpstreamClient
@@ -114,6 +115,9 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
 
     app[routes.CTX] = routes.EdgeContext(routes.Router(clients), policy, metrics, readiness, refresh)
     state.tokens = tokens
+    replicator = Replicator(policy, lambda: state.clients, metrics)
+    for i, item in enumerate(config.replicate):
+        tasks.spawn(replicator.run_forever(item), f"replicate:{i}")
     tasks.spawn(_flush_touches(metadata), "flush-touches")
     tasks.spawn(evictor.evict(0), "evict-startup")
     log.info("edgecache ready: cache %s, %d upstreams", cache_dir, len(clients))

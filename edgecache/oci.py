@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from . import errors
@@ -242,3 +243,26 @@ def accept_key(accept: str) -> str:
 
 def accepts(accept_key_value: str, media_type: str) -> bool:
     return accept_key_value == "*" or media_type in accept_key_value.split(",")
+
+
+def split_image(image: str) -> tuple[str, str]:
+    """``name[:tag|@digest]`` to (name, reference); tag defaults to ``latest``."""
+    if "@" in image:
+        name, _, ref = image.partition("@")
+        return name, ref
+    slash = image.rfind("/")
+    colon = image.rfind(":")
+    if colon > slash:
+        return image[:colon], image[colon + 1:]
+    return image, "latest"
+
+
+def platform_matches(desc: dict[str, object], platforms: Iterable[str]) -> bool:
+    wanted = list(platforms)
+    if not wanted:
+        return True
+    p = desc.get("platform")
+    if not isinstance(p, dict):
+        return False
+    value = f"{p.get('os')}/{p.get('architecture')}" + (f"/{p['variant']}" if p.get("variant") else "")
+    return any(value == w or value.startswith(w + "/") for w in wanted)

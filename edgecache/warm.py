@@ -8,38 +8,15 @@ Bodies are read and dropped; the mirror keeps them.
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable
 from urllib.parse import quote
 
 import aiohttp
 import orjson
 
 from . import oci
+from .oci import platform_matches, split_image
 
 ACCEPT = ", ".join([oci.OCI_INDEX, oci.DOCKER_LIST, oci.OCI_MANIFEST, oci.DOCKER_MANIFEST])
-
-
-def split_image(image: str) -> tuple[str, str]:
-    """``name[:tag|@digest]`` to (name, reference); tag defaults to ``latest``."""
-    if "@" in image:
-        name, _, ref = image.partition("@")
-        return name, ref
-    slash = image.rfind("/")
-    colon = image.rfind(":")
-    if colon > slash:
-        return image[:colon], image[colon + 1:]
-    return image, "latest"
-
-
-def platform_matches(desc: dict[str, object], platforms: Iterable[str]) -> bool:
-    wanted = list(platforms)
-    if not wanted:
-        return True
-    p = desc.get("platform")
-    if not isinstance(p, dict):
-        return False
-    value = f"{p.get('os')}/{p.get('architecture')}" + (f"/{p['variant']}" if p.get("variant") else "")
-    return any(value == w or value.startswith(w + "/") for w in wanted)
 
 
 class Warmer:

@@ -31,6 +31,7 @@ def make_config(cache_dir: Path, upstream_url: str, *, name: str = "up", auth: s
                 max_size: str = "10GiB", server: dict[str, Any] | None = None, **upstream: Any) -> config_mod.Config:
     """A config with one default upstream (plus any extra tables in ``extra_upstreams``)."""
     extra = upstream.pop("extra_upstreams", {})
+    top = upstream.pop("top", {})
     host = upstream_url.split("://", 1)[1]
     table: dict[str, Any] = {"url": upstream_url, "namespaces": [host], "prefix": name, "default": True,
                              "auth": auth, "retries": 1, "connect_timeout": "2s", "read_timeout": "5s"}
@@ -40,6 +41,7 @@ def make_config(cache_dir: Path, upstream_url: str, *, name: str = "up", auth: s
         "server": {"listen": "127.0.0.1:0", **(server or {})},
         "cache": {"dir": str(cache_dir), "max_size": max_size},
         "upstreams": {name: table, **extra},
+        **top,
     }
     return config_mod.from_mapping(data)
 

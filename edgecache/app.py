@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import tempfile
+import warnings
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -127,14 +128,23 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         state.draining = True
         await tasks.drain("flight:", config.server.shutdown_timeout)
         await tasks.close()
-        for c in state.clients.values():
-            await c.close()
-        await tokens.close()
-        await access.close()
-        await scan_session.close()
-        await metadata.close()
+        # Close each resource on its own, so one failure cannot leave the index unflushed.
+        closers = [c.close for c in state.clients.values()]
+        closers += [lambda: _close_cache(tokens), lambda: _close_cache(access), scan_session.close, metadata.close]
         if shared_tags is not None:
-            await shared_tags.close()
+            closers.append(lambda: _close_cache(shared_tags))
+        for close in closers:
+            try:
+                await close()
+            except Exception:
+                log.exception("error while closing")
+
+
+async def _close_cache(cache: BaseCache) -> None:
+    # aiocache 0.12's Redis backend calls redis-py's deprecated close(); the warning is theirs, not ours.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Call to deprecated close", DeprecationWarning)
+        await cache.close()
 
 
 async def _flush_touches(metadata: Metadata) -> None:

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any, Generic, Protocol, TypeVar
 
 T = TypeVar("T")
+MIN_SPAN = 1 << 20
 
 
 class State(enum.Enum):
@@ -50,6 +51,7 @@ class Flight:
         self.written = 0
         self.error: BaseException | None = None
         self.readers = 0
+        self.read_fd: int | None = None  # the leader's read-only fd of the partial file; readers dup it
         self._changed = asyncio.Event()
         self._ready = asyncio.Event()
 
@@ -97,7 +99,11 @@ class Flight:
                 # Hold back the last byte until the whole blob is verified: a corrupt fill must
                 # never reach a client as a complete body (DESIGN §2 Flight).
                 limit = min(limit, (self.size if self.size is not None else self.written) - 1)
-            if pos < limit:
+            # After the first bytes (time to first byte matters), send in spans of at least MIN_SPAN:
+            # every span is one sendfile call per reader, and 32 readers x 64 KiB chunks is a lot of calls.
+            more_coming = self.state is State.RUNNING and (self.size is None or limit < self.size - 1)
+            if pos < limit and not (pos > start and limit - pos < MIN_SPAN and more_coming
+                                    and (end is None or limit <= end)):
                 yield pos, limit - pos
                 pos = limit
                 continue

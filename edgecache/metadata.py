@@ -247,7 +247,7 @@ class Metadata:
         self._tag_front.clear()
         n = 0
         if self._shared_tags is not None:
-            keys = await self._shared_tags.raw("keys", f"{self._shared_tags.namespace or ''}t|{prefix}*")
+            keys = await self._shared_tags.raw("keys", self._shared_tags.build_key("t|" + prefix) + "*")
             for key in keys or []:
                 key = key.decode() if isinstance(key, bytes) else key
                 await self._shared_tags.raw("delete", key)

@@ -314,6 +314,9 @@ class PullThrough:
             if cached is not None:
                 await self.authorize_cached(target, oci.Kind.MANIFEST, entry.digest, accept)
                 return ManifestResult(entry.digest, cached[1], cached[0], Outcome.HIT)
+            # Fresh answer (shared via Redis, or evicted here): fetch that digest, never re-ask the tag,
+            # so every instance serves the digest the region agreed on.
+            return await self._manifest_by_digest(target, Digest.parse(entry.digest), accept)
         flight_key = f"{key}|{target.credential.key}"
         collapsed = self._tags.in_flight(flight_key)
         result = await self._tags.do(flight_key, lambda: self._revalidate_tag(target, tag, accept, key, entry))
@@ -445,8 +448,13 @@ class PullThrough:
         def release() -> None:
             flight.readers -= 1
 
+        async def open_partial() -> int:
+            if flight.read_fd is not None:
+                return os.dup(flight.read_fd)  # no path lookup, no executor hop: a dup of the leader's fd
+            return await self._run(self._open_fill, digest)
+
         return BlobResult(str(digest), flight.size, oci.OCTET_STREAM, outcome, source=flight,
-                          open_partial=lambda: self._run(self._open_fill, digest), release=release)
+                          open_partial=open_partial, release=release)
 
     def _open_fill(self, digest: Digest) -> int:
         """Open the growing file, or the committed one if the fill already finished."""
@@ -538,6 +546,9 @@ class PullThrough:
             if fd is not None:
                 await self._run(os.close, fd)
                 fd = None
+            if flight.read_fd is not None:
+                os.close(flight.read_fd)  # readers hold their own dups
+                flight.read_fd = None
             if not released:
                 released = True
                 await self._run(lock.release)
@@ -553,11 +564,12 @@ class PullThrough:
                 return
             length = resp.headers.get("Content-Length")
             size = int(length) if length and length.isdigit() else None
-            await self.metadata.add_link(target.upstream.name, target.repo, key)
-            await self._remember_access(target, f"/v2/{target.repo}/blobs/{digest}")
-            if size is not None:
-                await self.evictor.make_room(size)
+            await asyncio.gather(  # independent bookkeeping: do it at once, headers are waiting on it
+                self.metadata.add_link(target.upstream.name, target.repo, key),
+                self._remember_access(target, f"/v2/{target.repo}/blobs/{digest}"),
+                self.evictor.make_room(size or 0))
             fd = await self._run(self.store.begin_fill, digest, FillInfo(size or 0, oci.OCTET_STREAM))
+            flight.read_fd = await self._run(self.store.open_partial, digest)
             flight.start(size, oci.OCTET_STREAM)
             hasher = digest.hasher()
             await self._stream_body(flight, target, digest, resp, fd, hasher, size)

@@ -617,10 +617,32 @@ class PullThrough:
     async def _copy(self, flight: Flight, target: Target, resp: UpstreamResponse, fd: int,
                     hasher: "hashlib._Hash") -> None:
         counter = self.metrics.upstream_bytes.labels(target.upstream.name)
-        async for chunk in resp.iter_chunks():
-            await self._run(_write_all, fd, chunk, hasher)
-            counter.inc(len(chunk))
-            flight.advance(len(chunk))
+        loop = asyncio.get_running_loop()
+        # Pipeline: keep reading the socket while the previous bytes are written and hashed in a
+        # thread; whatever arrived meanwhile goes in the next write (one in flight, so order holds).
+        pending: asyncio.Future[None] | None = None
+        pending_size = 0
+        buf: list[bytes] = []
+        try:
+            async for chunk in resp.iter_chunks():
+                buf.append(chunk)
+                counter.inc(len(chunk))
+                if pending is not None and not pending.done():
+                    continue
+                if pending is not None:
+                    await pending
+                    flight.advance(pending_size)
+                data = b"".join(buf) if len(buf) > 1 else buf[0]
+                buf.clear()
+                pending, pending_size = loop.run_in_executor(None, _write_all, fd, data, hasher), len(data)
+        finally:
+            if pending is not None:
+                await pending
+                flight.advance(pending_size)
+        if buf:
+            data = b"".join(buf)
+            await self._run(_write_all, fd, data, hasher)
+            flight.advance(len(data))
 
 
 def _write_all(fd: int, data: bytes, hasher: "hashlib._Hash") -> None:

@@ -617,32 +617,73 @@ class PullThrough:
     async def _copy(self, flight: Flight, target: Target, resp: UpstreamResponse, fd: int,
                     hasher: "hashlib._Hash") -> None:
         counter = self.metrics.upstream_bytes.labels(target.upstream.name)
-        loop = asyncio.get_running_loop()
-        # Pipeline: keep reading the socket while the previous bytes are written and hashed in a
-        # thread; whatever arrived meanwhile goes in the next write (one in flight, so order holds).
-        pending: asyncio.Future[None] | None = None
-        pending_size = 0
-        buf: list[bytes] = []
+        tee = _Tee(fd, hasher, flight)
         try:
             async for chunk in resp.iter_chunks():
-                buf.append(chunk)
                 counter.inc(len(chunk))
-                if pending is not None and not pending.done():
-                    continue
-                if pending is not None:
-                    await pending
-                    flight.advance(pending_size)
-                data = b"".join(buf) if len(buf) > 1 else buf[0]
-                buf.clear()
-                pending, pending_size = loop.run_in_executor(None, _write_all, fd, data, hasher), len(data)
+                await tee.feed(chunk)
         finally:
-            if pending is not None:
-                await pending
-                flight.advance(pending_size)
-        if buf:
-            data = b"".join(buf)
-            await self._run(_write_all, fd, data, hasher)
-            flight.advance(len(data))
+            await tee.drain()
+
+
+class _Tee:
+    """Writes and hashes the body in a thread while the loop keeps reading the socket.
+
+    One write is in flight at a time (so the hash sees bytes in order); whatever arrives meanwhile
+    is written next, as one piece. Readers are told about bytes only once they are in the file.
+    """
+
+    MAX_BUFFER = 8 << 20  # past this, reading waits for the disk (memory stays bounded)
+
+    def __init__(self, fd: int, hasher: "hashlib._Hash", flight: Flight) -> None:
+        self.fd, self.hasher, self.flight = fd, hasher, flight
+        self.buf: list[bytes] = []
+        self.buffered = 0
+        self.pending: asyncio.Future[None] | None = None
+        self.error: BaseException | None = None
+
+    async def feed(self, chunk: bytes) -> None:
+        self.buf.append(chunk)
+        self.buffered += len(chunk)
+        if self.pending is None:
+            self._submit()
+        elif self.buffered > self.MAX_BUFFER:
+            await self._wait_pending()
+
+    def _submit(self) -> None:
+        if self.error is not None or not self.buf:
+            return
+        data = b"".join(self.buf) if len(self.buf) > 1 else self.buf[0]
+        self.buf.clear()
+        self.buffered = 0
+        fut = asyncio.get_running_loop().run_in_executor(None, _write_all, self.fd, data, self.hasher)
+        self.pending = fut
+        fut.add_done_callback(lambda f: self._written(f, len(data)))
+
+    def _written(self, fut: "asyncio.Future[None]", n: int) -> None:
+        self.pending = None
+        if fut.cancelled() or fut.exception() is not None:
+            self.error = fut.exception() or asyncio.CancelledError()
+            return
+        self.flight.advance(n)
+        self._submit()  # the bytes that arrived meanwhile, even if the upstream now stalls
+
+    async def _wait_pending(self) -> None:
+        while self.pending is not None:
+            try:
+                await asyncio.shield(self.pending)
+            except Exception:
+                pass  # recorded in self.error by _written
+            await asyncio.sleep(0)  # let the done callback run
+        if self.error is not None:
+            raise self.error
+
+    async def drain(self) -> None:
+        """Wait until every byte fed is written (or raise the write error)."""
+        await self._wait_pending()
+        if self.buf:
+            self._submit()
+            await self._wait_pending()
 
 
 def _write_all(fd: int, data: bytes, hasher: "hashlib._Hash") -> None:

@@ -220,6 +220,9 @@ async def _send_flight(request: web.Request, result: BlobResult, rng: oci.RangeS
         info(request).error = str(e)
         _cut(request)
         return resp
+    except ConnectionError:  # the client went away; the fill goes on without it
+        info(request).error = "client disconnected"
+        return resp
     finally:
         os.close(fd)
         info(request).bytes = sent
@@ -244,6 +247,9 @@ async def _send_direct(request: web.Request, policy: PullThrough, target: Target
     except errors.OCIError as e:
         info(request).error = e.code
         _cut(request)
+        return resp
+    except ConnectionError:
+        info(request).error = "client disconnected"
         return resp
     finally:
         upstream.release()
@@ -403,7 +409,7 @@ def _translate_scope(router: Router, client: UpstreamClient, scope: str) -> str:
 
 
 async def handle_healthz(request: web.Request) -> web.StreamResponse:
-    return web.json_response({"status": "ok"})
+    return web.json_response({"status": "ok", "pid": os.getpid()})  # pid: which worker answered
 
 
 async def handle_readyz(request: web.Request) -> web.StreamResponse:

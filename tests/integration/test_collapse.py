@@ -226,6 +226,13 @@ default = true
     url = f"http://127.0.0.1:{port}"
     await asyncio.get_running_loop().run_in_executor(None, proc.start, url)
     try:
+        pids: set[int] = set()
+        deadline = time.monotonic() + 20
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as http:
+            while len(pids) < 2:  # both workers listening (each answers /healthz with its pid)
+                assert time.monotonic() < deadline, f"only workers {pids} came up"
+                async with http.get(url + "/healthz") as r:
+                    pids.add((await r.json())["pid"])
         digest = registry.seeded.big_layer_digest
         gate = tap.hold_first("blob", digest)
         # many connections, so the kernel spreads them over both workers

@@ -29,8 +29,12 @@ deb-test-deps:
 	  $$SUDO apt-get update && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y --no-install-recommends $(DEB_TEST_PKGS); \
 	fi
 
-test: deb-test-deps venv
-	$(BIN)/python -m pytest -p no:cacheprovider tests
+lint: venv
+	$(BIN)/mypy -p edgecache
+	$(BIN)/lint-imports
+
+test: deb-test-deps venv lint
+	$(BIN)/python -m pytest -p no:cacheprovider --cov=edgecache --cov-report=term --cov-fail-under=80 tests
 
 bench: venv deb-test-deps
 	$(BIN)/python loadtests/bench.py

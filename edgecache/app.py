@@ -34,7 +34,6 @@ log = logging.getLogger("edgecache.app")
 CONFIG = web.AppKey("config", Config)
 METRICS = web.AppKey("metrics", Metrics)
 TASKS = web.AppKey("tasks", TaskOwner)
-STATE = web.AppKey("state", "AppState")
 
 TOUCH_FLUSH_SECONDS = 2.0
 
@@ -50,6 +49,9 @@ class AppState:
         self.policy: PullThrough | None = None
         self.flights: Flights | None = None
         self.tokens: BaseCache | None = None
+
+
+STATE = web.AppKey("state", AppState)
 
 
 def make_cache(redis_url: str | None, namespace: str, json: bool = False) -> BaseCache:

@@ -125,6 +125,7 @@ class ServerConfig:
     workers: int = 1
     event_loop: str = "asyncio"  # asyncio | uvloop; asyncio keeps sendfile zero-copy (DESIGN §3)
     shutdown_timeout: float = 30.0  # graceful drain deadline on SIGTERM
+    drain_delay: float = 0.0  # on SIGTERM, keep listening this long with /readyz failing (load balancers notice)
     tls_cert: str | None = None
     tls_key: str | None = None
     htpasswd: str | None = None  # optional bcrypt htpasswd file: Basic auth for clients
@@ -198,7 +199,7 @@ def _server(t: Mapping[str, Any]) -> ServerConfig:
             if _typed(v, int, key) < 1:
                 raise ConfigError(f"{key}: must be >= 1")
             kw[k] = v
-        elif k == "shutdown_timeout":
+        elif k in ("shutdown_timeout", "drain_delay"):
             kw[k] = parse_duration(v, key)
         elif k == "event_loop":
             if v not in ("asyncio", "uvloop"):

@@ -38,8 +38,8 @@ class Metrics:
                                        ["upstream", "kind"], registry=r)
         self.upstream_bytes = Counter("edgecache_upstream_bytes", "Body bytes received from upstream",
                                       ["upstream"], registry=r)
-        gauge_mode = {"multiprocess_mode": "livesum"}
-        self.flights = Gauge("edgecache_flights_in_progress", "Downloads in progress", registry=r, **gauge_mode)
+        self.flights = Gauge("edgecache_flights_in_progress", "Downloads in progress", registry=r,
+                             multiprocess_mode="livesum")
         self.cache_bytes = Gauge("edgecache_cache_bytes", "Bytes stored in the cache", registry=r,
                                  multiprocess_mode="max")
         self.evictions = Counter("edgecache_cache_evictions", "Entries evicted by LRU", registry=r)
@@ -60,6 +60,6 @@ class Metrics:
     def render(self) -> bytes:
         if self.multiprocess:
             collector = CollectorRegistry()
-            multiprocess.MultiProcessCollector(collector)
+            multiprocess.MultiProcessCollector(collector)  # type: ignore[no-untyped-call]
             return generate_latest(collector)
         return generate_latest(self.registry)

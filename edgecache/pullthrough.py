@@ -492,7 +492,8 @@ class PullThrough:
             fd = await self._run(self.store.open_partial, digest) if info else None
             if info is not None and fd is not None:
                 break
-            if await self.metadata.get_entry(str(digest)) is not None or await self._run(self.store.size, digest):
+            committed = await self._run(self.store.size, digest)
+            if await self.metadata.get_entry(str(digest)) is not None or committed is not None:
                 self.metadata.forget_front(str(digest))
                 return await self.blob(target, digest, head=False)
             if await self._run(lock.try_acquire):  # the other worker gave up before starting

@@ -361,6 +361,7 @@ def _rewrite_link(request: web.Request, target: Target, link: str) -> str:
     url, rest = m.group(1), m.group(2)
     path, _, query = url.partition("?")
     api = info(request).api
+    assert api is not None
     client_path = path.replace(f"/v2/{target.repo}/", f"/v2/{api.name}/", 1)
     params = dict(p.split("=", 1) for p in query.split("&") if "=" in p)
     if "ns" in request.query:

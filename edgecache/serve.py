@@ -89,6 +89,33 @@ async def _serve(cfg: config_mod.Config, reuse_port: bool, source: Source) -> in
     await stop.wait()
     log.info("shutting down: draining for up to %.0fs", cfg.server.shutdown_timeout)
     drain(app)
+    if cfg.server.drain_delay:
+        await asyncio.sleep(cfg.server.drain_delay)  # /readyz answers 503 meanwhile; new requests still served
+    await _graceful_stop(runner, cfg.server.shutdown_timeout)
     await runner.cleanup()
     log.info("stopped")
     return 0
+
+
+async def _graceful_stop(runner: web.AppRunner, timeout: float) -> None:
+    """Stop listening, close idle keep-alive connections, let requests in progress finish.
+
+    aiohttp's own shutdown waits the whole timeout on an idle connection whose next request
+    arrives after shutdown began (it ignores the bytes), so close idle connections ourselves.
+    """
+    for site in list(runner.sites):
+        await site.stop()
+    server = runner.server
+    if server is None:
+        return
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        busy = 0
+        for conn in list(server.connections):
+            if conn._request_in_progress:  # noqa: SLF001 - no public flag in aiohttp 3.x
+                busy += 1
+            else:
+                conn.force_close()
+        if not busy or asyncio.get_running_loop().time() > deadline:
+            return
+        await asyncio.sleep(0.05)

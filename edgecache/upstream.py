@@ -379,11 +379,11 @@ def parse_token(body: bytes) -> tuple[str, float]:
     if not isinstance(token, str) or not token:
         raise errors.UpstreamError("token server sent no token")
     ttl = doc.get("expires_in")
-    return token, float(ttl) if isinstance(ttl, (int, float)) and ttl > 0 else _DEFAULT_TOKEN_TTL
+    return token, (float(ttl) if isinstance(ttl, (int, float)) and ttl > 0 else _DEFAULT_TOKEN_TTL)
 
 
 def _backoff(attempt: int) -> float:
-    return min(2.0, 0.1 * (2**attempt)) * (0.5 + random.random() / 2)
+    return min(2.0, 0.1 * (2.0**attempt)) * (0.5 + random.random() / 2)
 
 
 def _retry_after(value: str | None) -> float | None:

@@ -103,7 +103,7 @@ default = true
 
 async def test_sigterm_lets_a_cold_download_finish(tmp_path: Path, tap: Tap, registry: RegistryProcess) -> None:
     port = free_port()
-    proc = EdgeProcess(write_config(tmp_path, tap, port), tmp_path / "edge.log")
+    proc = EdgeProcess(write_config(tmp_path, tap, port, 'drain_delay = "1s"'), tmp_path / "edge.log")
     url = f"http://127.0.0.1:{port}"
     loop = asyncio.get_running_loop()
     await loop.run_in_executor(None, proc.start, url)
@@ -115,11 +115,14 @@ async def test_sigterm_lets_a_cold_download_finish(tmp_path: Path, tap: Tap, reg
             assert resp.status == 200
             await pause.wait_held(1)
             proc.signal(signal.SIGTERM)
-            try:
-                async with http.get(url + "/readyz") as r:  # draining: not ready ...
-                    assert r.status == 503
-            except aiohttp.ClientConnectorError:
-                pass  # ... or already not listening: new connections are refused
+            deadline = loop.time() + 5
+            while True:  # the signal is handled asynchronously: poll until readiness turns false
+                async with http.get(url + "/readyz", timeout=aiohttp.ClientTimeout(total=3)) as r:
+                    if r.status == 503:
+                        assert "draining" in (await r.json())["problems"]
+                        break
+                assert loop.time() < deadline, "readiness never turned false"
+                await asyncio.sleep(0.02)
             pause.release()
             body = await resp.read()
             resp.release()

@@ -20,6 +20,7 @@ from .collapse import Flights
 from .config import Config
 from .metadata import Metadata
 from .metrics import Metrics
+from .log import quiet_parse_errors
 from .middleware import PUBLIC_URL, Htpasswd, make_middlewares
 from .oci import MANIFEST_TYPES, MAX_MANIFEST_BYTES, OCTET_STREAM, Digest
 from .policy import Blocklist, Scanner
@@ -67,6 +68,7 @@ def make_cache(redis_url: str | None, namespace: str, json: bool = False) -> Bas
 
 
 def create_app(config: Config) -> web.Application:
+    quiet_parse_errors()
     metrics = Metrics()
     htpasswd = Htpasswd(config.server.htpasswd) if config.server.htpasswd else None
     app = web.Application(

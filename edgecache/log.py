@@ -39,9 +39,33 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(doc).decode()
 
 
+class QuietParseErrors(logging.Filter):
+    """aiohttp logs every unparseable request head as an ERROR with a traceback: anyone could flood
+    the log that way. Keep one INFO line without the traceback instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None:
+            exc = record.exc_info[1]
+            if type(exc).__module__.startswith("aiohttp.http_exceptions") or isinstance(exc, (ConnectionError,)):
+                record.msg = f"bad request from client: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+                record.args = None
+                record.exc_info = None
+                record.exc_text = None
+                record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
+def quiet_parse_errors() -> None:
+    """Install :class:`QuietParseErrors` on aiohttp's server logger (once)."""
+    logger = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, QuietParseErrors) for f in logger.filters):
+        logger.addFilter(QuietParseErrors())
+
+
 def setup(level: str = "INFO", stream: Any = None) -> None:
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter())
+    quiet_parse_errors()
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

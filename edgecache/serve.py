@@ -86,7 +86,9 @@ async def _serve(cfg: config_mod.Config, reuse_port: bool, source: Source) -> in
         app[TASKS].spawn(reload(app, new), "reload")
 
     loop.add_signal_handler(signal.SIGHUP, on_hup)
+    sweeper = loop.create_task(_sweep_slow_connections(runner, cfg.server.header_timeout), name="sweep-connections")
     await stop.wait()
+    sweeper.cancel()
     log.info("shutting down: draining for up to %.0fs", cfg.server.shutdown_timeout)
     drain(app)
     if cfg.server.drain_delay:
@@ -119,3 +121,34 @@ async def _graceful_stop(runner: web.AppRunner, timeout: float) -> None:
         if not busy or asyncio.get_running_loop().time() > deadline:
             return
         await asyncio.sleep(0.05)
+
+
+async def _sweep_slow_connections(runner: web.AppRunner, timeout: float) -> None:
+    """Close connections that have not delivered a complete request head within ``timeout``.
+
+    aiohttp has no header timeout: a slowloris client trickling one byte at a time would hold its
+    connection (and a file descriptor) forever. Idle keep-alive connections count too, so this also
+    bounds how long an idle client keeps a descriptor.
+    """
+    idle_since: dict[Any, float] = {}
+    loop = asyncio.get_running_loop()
+    interval = max(0.05, min(5.0, timeout / 4))
+    while True:
+        await asyncio.sleep(interval)
+        server = runner.server
+        if server is None:
+            continue
+        now = loop.time()
+        live = set()
+        for conn in list(server.connections):
+            live.add(conn)
+            if conn._request_in_progress:  # noqa: SLF001 - no public flag in aiohttp 3.x
+                idle_since.pop(conn, None)
+                continue
+            since = idle_since.setdefault(conn, now)
+            if now - since > timeout:
+                conn.force_close()
+                idle_since.pop(conn, None)
+        for conn in list(idle_since):
+            if conn not in live:
+                del idle_since[conn]

@@ -268,3 +268,47 @@ async def test_tls_serving(tmp_path: Path, tap: Tap, registry: RegistryProcess) 
                     assert hashlib.sha256(await r.read()).hexdigest() == digest[7:]
     finally:
         proc.stop()
+
+
+async def test_slowloris_clients_are_cut_off(tmp_path: Path, tap: Tap) -> None:
+    """Clients trickling a request head byte by byte are disconnected after header_timeout; others are served."""
+    port = free_port()
+    proc = EdgeProcess(write_config(tmp_path, tap, port, 'header_timeout = "1s"'), tmp_path / "edge.log")
+    url = f"http://127.0.0.1:{port}"
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, proc.start, url)
+    cut_after: list[float] = []
+
+    async def slow() -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        started = loop.time()
+        try:
+            for byte in b"GET /v2/ HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 200:
+                writer.write(bytes([byte]))
+                await writer.drain()
+                if reader.at_eof():
+                    break
+                try:
+                    if await asyncio.wait_for(reader.read(1), 0.25) == b"":
+                        break
+                except asyncio.TimeoutError:
+                    pass
+            cut_after.append(loop.time() - started)
+        except ConnectionError:
+            cut_after.append(loop.time() - started)
+        finally:
+            writer.close()
+
+    try:
+        slow_tasks = [asyncio.ensure_future(slow()) for _ in range(20)]
+        async with aiohttp.ClientSession() as http:
+            for _ in range(5):
+                t0 = loop.time()
+                async with http.get(url + "/healthz") as r:
+                    assert r.status == 200
+                assert loop.time() - t0 < 1.0  # not starved
+        await asyncio.wait_for(asyncio.gather(*slow_tasks), 30)
+        assert len(cut_after) == 20
+        assert max(cut_after) < 10  # 1 s timeout, swept every 0.25 s: cut long before the 200 bytes (>50 s)
+    finally:
+        proc.stop()

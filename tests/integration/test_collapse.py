@@ -250,7 +250,12 @@ default = true
         async with aiohttp.ClientSession() as http:
             async with http.get(url + "/metrics") as r:
                 text = await r.text()
-        assert "edgecache_requests_total" in text
+        from prometheus_client.parser import text_string_to_metric_families
+
+        blob_200 = sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+                       if s.name == "edgecache_requests_total" and s.labels.get("status") == "200"
+                       and s.labels.get("route") == "/v2/{name}/blobs/{digest}")
+        assert blob_200 == N  # /metrics sums both workers (whichever one answered the scrape)
     finally:
         await asyncio.get_running_loop().run_in_executor(None, proc.stop)
     lines = [orjson.loads(line) for line in (tmp_path / "edge.log").read_text().splitlines() if line.startswith("{")]

@@ -312,3 +312,47 @@ async def test_slowloris_clients_are_cut_off(tmp_path: Path, tap: Tap) -> None:
         assert max(cut_after) < 10  # 1 s timeout, swept every 0.25 s: cut long before the 200 bytes (>50 s)
     finally:
         proc.stop()
+
+
+async def test_sighup_reloads_the_upstream_table(tmp_path: Path, tap: Tap, make_tap: object,
+                                                 registry: RegistryProcess) -> None:
+    """SIGHUP swaps in a new upstream table without dropping the connection in use."""
+    port = free_port()
+    cfg = write_config(tmp_path, tap, port)
+    proc = EdgeProcess(cfg, tmp_path / "edge.log")
+    url = f"http://127.0.0.1:{port}"
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, proc.start, url)
+    second = await make_tap(registry.url)  # type: ignore[operator]
+    try:
+        async with aiohttp.ClientSession() as http:  # one keep-alive connection throughout
+            async with http.get(f"{url}/v2/library/multi/manifests/v1?ns=second.example", headers=ACCEPT) as r:
+                assert r.status == 404  # not configured yet
+            cfg.write_text(cfg.read_text() + f"""
+[upstreams.second]
+url = "{second.url}"
+namespaces = ["second.example"]
+prefix = "second"
+""")
+            proc.signal(signal.SIGHUP)
+            deadline = loop.time() + 10
+            while True:  # the reload is asynchronous: poll with a deadline
+                async with http.get(f"{url}/v2/library/multi/manifests/v1?ns=second.example", headers=ACCEPT) as r:
+                    if r.status == 200:
+                        break
+                assert loop.time() < deadline, "reload did not take effect"
+                await asyncio.sleep(0.05)
+            assert second.count("GET", "manifest") == 1
+            async with http.get(f"{url}/v2/library/multi/manifests/v1", headers=ACCEPT) as r:
+                assert r.status == 200  # the old default upstream still works
+        cfg.write_text("version = 1\n[server]\nbogus = 1\n")
+        proc.signal(signal.SIGHUP)  # a broken file is refused and the running table kept
+        async with aiohttp.ClientSession() as http:
+            deadline = loop.time() + 10
+            while "config error" not in (tmp_path / "edge.log").read_text():
+                assert loop.time() < deadline
+                await asyncio.sleep(0.05)
+            async with http.get(f"{url}/v2/library/multi/manifests/v1?ns=second.example", headers=ACCEPT) as r:
+                assert r.status == 200
+    finally:
+        assert proc.stop() == 0

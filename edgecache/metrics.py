@@ -9,6 +9,7 @@ start) sums every worker's values in ``/metrics``.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import multiprocess
@@ -47,8 +48,23 @@ class Metrics:
         self.ratelimit_remaining = Gauge("edgecache_upstream_ratelimit_remaining",
                                          "Last ratelimit-remaining header seen", ["upstream"], registry=r,
                                          multiprocess_mode="min")
+        self._outcomes: dict[str, Any] = {}
+        self._served: dict[str, Any] = {}
         self.warm_images = Counter("edgecache_replication_images", "Images pre-warmed by replication lists",
                                    ["status"], registry=r)
+
+    def outcome(self, value: str) -> Any:
+        """The counter child for an X-Cache outcome (labels() is slow on the hot path: cache children)."""
+        child = self._outcomes.get(value)
+        if child is None:
+            child = self._outcomes[value] = self.outcomes.labels(value.lower())
+        return child
+
+    def served(self, source: str) -> Any:
+        child = self._served.get(source)
+        if child is None:
+            child = self._served[source] = self.served_bytes.labels(source)
+        return child
 
     def on_upstream(self, upstream: str, method: str, status: int | None, seconds: float, error: str | None) -> None:
         if status is not None:

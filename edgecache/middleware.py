@@ -127,7 +127,7 @@ def make_middlewares(metrics: Metrics, allow_cidrs: tuple[str, ...], htpasswd: H
             children[1].observe(seconds)
             outcome = ri.cache
             if outcome is not None and api is not None and api.kind.value in ("manifest", "blob") and status < 400:
-                metrics.outcomes.labels(outcome.lower()).inc()
+                metrics.outcome(outcome).inc()
             if access_logging:
                 _access(request, route, status, seconds)
             request_id.reset(token)

@@ -477,7 +477,7 @@ class EdgeContext:
 
     def count_bytes(self, source: str, n: int) -> None:
         if n:
-            self.metrics.served_bytes.labels(source).inc(n)
+            self.metrics.served(source).inc(n)
 
     def policy_failure(self, resp: Any, target: Target, kind: oci.Kind) -> errors.OCIError:
         from .pullthrough import upstream_failure

@@ -212,6 +212,10 @@ async def _readiness(state: AppState, store: BlobStore) -> list[str]:
 
     if not await asyncio.get_running_loop().run_in_executor(None, writable):
         problems.append("cache directory not writable")
+    st = await asyncio.get_running_loop().run_in_executor(None, os.statvfs, store.root)
+    free, total = st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+    if free < min(64 << 20, total // 20):
+        problems.append(f"cache disk full ({free} bytes free)")
     return problems
 
 

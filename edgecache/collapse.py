@@ -38,6 +38,8 @@ class Source(Protocol):
 
     def spans(self, start: int, end: int | None) -> AsyncIterator[tuple[int, int]]: ...
 
+    def memory(self, offset: int, count: int) -> bytes | None: ...
+
 
 class Flight:
     """The state of one in-process fill, shared by every reader."""
@@ -52,6 +54,10 @@ class Flight:
         self.error: BaseException | None = None
         self.readers = 0
         self.read_fd: int | None = None  # the leader's read-only fd of the partial file; readers dup it
+        # Disk full mid-download: bytes from ``spilled_at`` on are kept in memory (bounded) and the
+        # fill is served straight through to the readers already attached, never committed.
+        self.spilled_at: int | None = None
+        self._tail = bytearray()
         self._changed = asyncio.Event()
         self._ready = asyncio.Event()
 
@@ -67,6 +73,26 @@ class Flight:
 
     def rewind(self, written: int) -> None:
         self.written = written
+
+    def spill(self) -> None:
+        """The disk is full: from here on, bytes live in memory only (see :meth:`memory`)."""
+        if self.spilled_at is None:
+            self.spilled_at = self.written
+
+    def append_memory(self, data: bytes) -> None:
+        self._tail += data
+        self.advance(len(data))
+
+    @property
+    def memory_bytes(self) -> int:
+        return len(self._tail)
+
+    def memory(self, offset: int, count: int) -> bytes | None:
+        """The bytes of a span past the spill point (None: read them from the file)."""
+        if self.spilled_at is None or offset < self.spilled_at:
+            return None
+        i = offset - self.spilled_at
+        return bytes(self._tail[i:i + count])
 
     def finish(self) -> None:
         self.state = State.DONE
@@ -99,11 +125,14 @@ class Flight:
                 # Hold back the last byte until the whole blob is verified: a corrupt fill must
                 # never reach a client as a complete body (DESIGN §2 Flight).
                 limit = min(limit, (self.size if self.size is not None else self.written) - 1)
+            if self.spilled_at is not None and pos < self.spilled_at:
+                limit = min(limit, self.spilled_at)  # a span is all file or all memory
             # After the first bytes (time to first byte matters), send in spans of at least MIN_SPAN:
             # every span is one sendfile call per reader, and 32 readers x 64 KiB chunks is a lot of calls.
             more_coming = self.state is State.RUNNING and (self.size is None or limit < self.size - 1)
-            if pos < limit and not (pos > start and limit - pos < MIN_SPAN and more_coming
-                                    and (end is None or limit <= end)):
+            at_spill = self.spilled_at is not None and limit == self.spilled_at
+            if pos < limit and (at_spill or not (pos > start and limit - pos < MIN_SPAN and more_coming
+                                                 and (end is None or limit <= end))):
                 yield pos, limit - pos
                 pos = limit
                 continue
@@ -127,6 +156,9 @@ class RemoteFlight:
     def __init__(self, size: int | None, probe: Callable[[], Awaitable[tuple[int, bool]]]) -> None:
         self.size = size
         self._probe = probe
+
+    def memory(self, offset: int, count: int) -> bytes | None:
+        return None
 
     async def spans(self, start: int, end: int | None) -> AsyncIterator[tuple[int, int]]:
         pos, delay = start, self.POLL_MIN
@@ -157,6 +189,11 @@ class Flights:
         """The running flight for ``key``; an ended one is never joined (its task may still be cleaning up)."""
         flight = self._flights.get(key)
         return flight if flight is not None and flight.state in (State.STARTING, State.RUNNING) else None
+
+    def spilled(self, key: str) -> bool:
+        """A fill for ``key`` runs but no longer lands on disk: a new reader cannot join it."""
+        flight = self.get(key)
+        return flight is not None and flight.spilled_at is not None
 
     def __len__(self) -> int:
         return len(self._flights)

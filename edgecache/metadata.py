@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
+import sqlite3
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
@@ -27,6 +29,7 @@ from typing import Any, TypeVar
 import diskcache
 
 T = TypeVar("T")
+log = logging.getLogger("edgecache.metadata")
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,10 +66,19 @@ class Metadata:
         self._counts: dict[str, int] = {}
         self._tag_front: dict[str, TagEntry] = {}  # this process's view; the index is the shared truth
         self._parents: dict[str, tuple[str, ...]] = {}
+        self._dropped: set[str] = set()  # evicted here, even if the index write failed (disk full)
         self.is_open = False
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def _write(self, fn: Callable[..., Any], *args: Any) -> None:
+        """An index write. A full disk (or a busy database) must not fail the request that caused it:
+        the in-memory front still has the answer, and restart reconciles index and files."""
+        try:
+            await self._run(fn, *args)
+        except (sqlite3.OperationalError, diskcache.Timeout) as e:
+            log.warning("index write skipped: %s", e)
 
     async def open(self) -> None:
         await self._run(self._open)
@@ -105,6 +117,8 @@ class Metadata:
         entry = self._front.get(digest)
         if entry is not None:
             return entry
+        if digest in self._dropped:
+            return None
         raw = await self._run(self.entries.get, digest)
         if raw is None:
             return None
@@ -113,9 +127,10 @@ class Metadata:
         return entry
 
     async def put_entry(self, digest: str, size: int, media_type: str) -> None:
+        self._dropped.discard(digest)
         entry = Entry(size, media_type, self._clock())
         self._front[digest] = entry
-        await self._run(self._put_entry, digest, entry)
+        await self._write(self._put_entry, digest, entry)
 
     def _put_entry(self, digest: str, entry: Entry) -> None:
         with self.entries.transact():
@@ -127,7 +142,8 @@ class Metadata:
     async def drop_entry(self, digest: str) -> None:
         self._front.pop(digest, None)
         self._touched.pop(digest, None)
-        await self._run(self._drop_entry, digest)
+        self._dropped.add(digest)
+        await self._write(self._drop_entry, digest)
 
     def _drop_entry(self, digest: str) -> None:
         with self.entries.transact():
@@ -151,7 +167,7 @@ class Metadata:
             return
         batch, self._touched = self._touched, {}
         counts, self._counts = self._counts, {}
-        await self._run(self._flush, batch, counts)
+        await self._write(self._flush, batch, counts)
 
     def _flush(self, batch: dict[str, float], counts: dict[str, int]) -> None:
         for name, n in counts.items():
@@ -169,7 +185,7 @@ class Metadata:
     async def lru(self) -> list[tuple[str, Entry]]:
         """Every entry, least recently used first."""
         await self.flush_touches()
-        return await self._run(self._lru)
+        return [(d, e) for d, e in await self._run(self._lru) if d not in self._dropped]
 
     def _lru(self) -> list[tuple[str, Entry]]:
         items = [(k, Entry(**self.entries[k])) for k in self.entries.iterkeys() if k in self.entries]
@@ -211,14 +227,14 @@ class Metadata:
         key = f"l|{upstream}|{repo}|{digest}"
         if key not in self._links:
             self._links.add(key)
-            await self._run(self.meta.set, key, True)
+            await self._write(self.meta.set, key, True)
 
     async def visibility(self, upstream: str, repo: str) -> str | None:
         value = await self._run(self.meta.get, f"v|{upstream}|{repo}")
         return value if isinstance(value, str) else None
 
     async def set_visibility(self, upstream: str, repo: str, value: str) -> None:
-        await self._run(self.meta.set, f"v|{upstream}|{repo}", value)
+        await self._write(self.meta.set, f"v|{upstream}|{repo}", value)
 
     # tags and negative answers ----------------------------------------------------
     async def get_tag(self, key: str, cached: bool = True) -> TagEntry | None:
@@ -241,7 +257,7 @@ class Metadata:
         if self._shared_tags is not None:
             await self._shared_tags.set("t|" + key, asdict(entry))
         else:
-            await self._run(self.meta.set, "t|" + key, asdict(entry))
+            await self._write(self.meta.set, "t|" + key, asdict(entry))
 
     async def purge(self, prefix: str) -> int:
         """Drop tag, negative, link and visibility records whose key starts with ``prefix`` (after the kind)."""
@@ -269,16 +285,16 @@ class Metadata:
         return isinstance(expiry, float) and expiry > self._clock()
 
     async def set_negative(self, key: str, ttl: float) -> None:
-        await self._run(self.meta.set, "n|" + key, self._clock() + ttl)
+        await self._write(self.meta.set, "n|" + key, self._clock() + ttl)
 
     async def clear_negative(self, key: str) -> None:
-        await self._run(self.meta.pop, "n|" + key, None)
+        await self._write(self.meta.pop, "n|" + key, None)
 
     async def get_value(self, key: str) -> Any:
         return await self._run(self.meta.get, "x|" + key)
 
     async def set_value(self, key: str, value: Any, ttl: float | None = None) -> None:
-        await self._run(lambda: self.meta.set("x|" + key, value, expire=ttl))
+        await self._write(lambda: self.meta.set("x|" + key, value, expire=ttl))
 
     async def add_parent(self, children: list[str], parent: str) -> None:
         """Remember that ``children`` were reached through index ``parent`` (a blocked index blocks them)."""
@@ -288,7 +304,7 @@ class Metadata:
                 if parent not in parents:
                     self.meta.set("p|" + child, tuple(parents | {parent}))
                 self._parents[child] = tuple(parents | {parent})
-        await self._run(add)
+        await self._write(add)
 
     async def parents(self, child: str) -> tuple[str, ...]:
         found = self._parents.get(child)
@@ -303,7 +319,7 @@ class Metadata:
         return int(await self._run(len, self.entries))
 
     async def incr(self, key: str, delta: int = 1) -> None:
-        await self._run(self.meta.incr, f"s|{key}", delta)
+        await self._write(self.meta.incr, f"s|{key}", delta)
 
     async def counters(self) -> dict[str, int]:
         return await self._run(lambda: {k[2:]: int(self.meta[k]) for k in self.meta.iterkeys() if str(k).startswith("s|")})

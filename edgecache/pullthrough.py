@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import errno
 import fnmatch
 import hashlib
 import logging
@@ -84,6 +85,7 @@ class BlobResult:
     source: Source | None = None  # fill in progress: serve spans as they land
     open_partial: Callable[[], Awaitable[int]] | None = None
     release: Callable[[], None] = field(default=lambda: None)
+    direct: UpstreamResponse | None = None  # disk full: relay this upstream body as it comes
 
 
 def unauthorized(target: Target, message: str = "authentication required") -> errors.OCIError:
@@ -395,6 +397,8 @@ class PullThrough:
             return BlobResult(key, entry.size, oci.OCTET_STREAM, Outcome.HIT, path=path)
         if head:
             return await self._head_blob(target, digest)
+        if self.flights.spilled(key):  # disk full: this download cannot be joined from byte 0
+            return await self._straight_through(target, digest)
         flight = self.flights.get(key)
         if flight is not None:
             return await self._follow(target, flight, digest)
@@ -410,6 +414,17 @@ class PullThrough:
         finally:
             if not starting.locked() and self._starting.get(key) is starting:
                 del self._starting[key]
+
+    async def _straight_through(self, target: Target, digest: Digest) -> BlobResult:
+        """No room on disk: relay the upstream body to this client, verified by nobody but the client."""
+        resp = await target.upstream.request("GET", f"/v2/{target.repo}/blobs/{digest}", scope=target.scope,
+                                             credential=target.credential)
+        if resp.status != 200:
+            resp.release()
+            raise upstream_failure(resp, target, oci.Kind.BLOB, str(digest))
+        length = resp.headers.get("Content-Length")
+        return BlobResult(str(digest), int(length) if length and length.isdigit() else None, oci.OCTET_STREAM,
+                          Outcome.MISS, direct=resp, release=resp.release)
 
     def far_ahead(self, result: BlobResult, start: int) -> bool:
         """Is a Range start so far past the download position that waiting would be silly?"""
@@ -577,6 +592,11 @@ class PullThrough:
             if (size is not None and flight.written != size) or hasher.hexdigest() != digest.hex:
                 raise errors.DigestMismatch(f"upstream {target.upstream.name} sent bytes that do not match "
                                             f"{digest}", detail={"digest": key, "received": flight.written})
+            if flight.spilled_at is not None:  # verified, delivered, but there was no room to keep it
+                await release(abort=True)
+                flight.size = flight.written
+                flight.finish()
+                return
             await self._run(os.fsync, fd)
             await self._run(self.store.commit_fill, digest)
             await self.metadata.put_entry(key, flight.written, oci.OCTET_STREAM)
@@ -618,7 +638,7 @@ class PullThrough:
     async def _copy(self, flight: Flight, target: Target, resp: UpstreamResponse, fd: int,
                     hasher: "hashlib._Hash") -> None:
         counter = self.metrics.upstream_bytes.labels(target.upstream.name)
-        tee = _Tee(fd, hasher, flight)
+        tee = _Tee(fd, hasher, flight, self.evictor.free)
         try:
             async for chunk in resp.iter_chunks():
                 counter.inc(len(chunk))
@@ -627,54 +647,103 @@ class PullThrough:
             await tee.drain()
 
 
+class DiskFull(Exception):
+    """The cache filesystem is full (ENOSPC/EDQUOT) after ``written`` bytes of a write."""
+
+    def __init__(self, written: int) -> None:
+        super().__init__(f"cache disk full after {written} bytes")
+        self.written = written
+
+
 class _Tee:
     """Writes and hashes the body in a thread while the loop keeps reading the socket.
 
     One write is in flight at a time (so the hash sees bytes in order); whatever arrives meanwhile
     is written next, as one piece. Readers are told about bytes only once they are in the file.
+    When the disk fills up: evict, retry once, and if it is still full keep the rest in memory
+    (bounded) so the readers already attached get their download straight through, uncached.
     """
 
     MAX_BUFFER = 8 << 20  # past this, reading waits for the disk (memory stays bounded)
+    MAX_SPILL = 256 << 20  # disk full: at most this much of a blob is held in memory
 
-    def __init__(self, fd: int, hasher: "hashlib._Hash", flight: Flight) -> None:
+    def __init__(self, fd: int, hasher: "hashlib._Hash", flight: Flight,
+                 free_space: Callable[[int], Awaitable[int]]) -> None:
         self.fd, self.hasher, self.flight = fd, hasher, flight
+        self.free_space = free_space
         self.buf: list[bytes] = []
         self.buffered = 0
         self.pending: asyncio.Future[None] | None = None
         self.error: BaseException | None = None
+        self.unwritten: bytes | None = None  # the rest of a write that hit a full disk
 
     async def feed(self, chunk: bytes) -> None:
+        if self.flight.spilled_at is not None:
+            self._to_memory(chunk)
+            return
         self.buf.append(chunk)
         self.buffered += len(chunk)
-        if self.pending is None:
+        if self.unwritten is not None:
+            await self._recover()
+        elif self.pending is None:
             self._submit()
         elif self.buffered > self.MAX_BUFFER:
             await self._wait_pending()
 
+    def _to_memory(self, data: bytes) -> None:
+        if self.flight.memory_bytes + len(data) > self.MAX_SPILL:
+            raise errors.ServiceUnavailable("cache disk full and the blob is too large to pass through from memory")
+        self.hasher.update(data)
+        self.flight.append_memory(data)
+
     def _submit(self) -> None:
-        if self.error is not None or not self.buf:
+        if self.error is not None or not self.buf or self.unwritten is not None:
             return
         data = b"".join(self.buf) if len(self.buf) > 1 else self.buf[0]
         self.buf.clear()
         self.buffered = 0
         fut = asyncio.get_running_loop().run_in_executor(None, _write_all, self.fd, data, self.hasher)
         self.pending = fut
-        fut.add_done_callback(lambda f: self._written(f, len(data)))
+        fut.add_done_callback(lambda f: self._written(f, data))
 
-    def _written(self, fut: "asyncio.Future[None]", n: int) -> None:
+    def _written(self, fut: "asyncio.Future[None]", data: bytes) -> None:
         self.pending = None
-        if fut.cancelled() or fut.exception() is not None:
-            self.error = fut.exception() or asyncio.CancelledError()
+        exc = None if fut.cancelled() else fut.exception()
+        if isinstance(exc, DiskFull):
+            self.flight.advance(exc.written)
+            self.unwritten = data[exc.written:]
             return
-        self.flight.advance(n)
+        if fut.cancelled() or exc is not None:
+            self.error = exc or asyncio.CancelledError()
+            return
+        self.flight.advance(len(data))
         self._submit()  # the bytes that arrived meanwhile, even if the upstream now stalls
+
+    async def _recover(self) -> None:
+        """Disk full: free space and retry once; else spill the rest to memory."""
+        assert self.unwritten is not None
+        data, self.unwritten = self.unwritten + b"".join(self.buf), None
+        self.buf.clear()
+        self.buffered = 0
+        remaining = (self.flight.size or 0) - self.flight.written
+        freed = await self.free_space(max(remaining, len(data)))
+        log.warning("cache disk full: evicted %d bytes for %s", freed, self.flight.key)
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, _write_all, self.fd, data, self.hasher)
+            self.flight.advance(len(data))
+        except DiskFull as e:
+            self.flight.advance(e.written)
+            self.flight.spill()
+            log.warning("cache disk still full: %s is served straight through from memory, not cached",
+                        self.flight.key)
+            self._to_memory(data[e.written:])
 
     async def _wait_pending(self) -> None:
         while self.pending is not None:
             try:
                 await asyncio.shield(self.pending)
             except Exception:
-                pass  # recorded in self.error by _written
+                pass  # recorded by _written
             await asyncio.sleep(0)  # let the done callback run
         if self.error is not None:
             raise self.error
@@ -682,16 +751,30 @@ class _Tee:
     async def drain(self) -> None:
         """Wait until every byte fed is written (or raise the write error)."""
         await self._wait_pending()
-        if self.buf:
+        if self.unwritten is not None:
+            await self._recover()
+        if self.buf and self.flight.spilled_at is None:
             self._submit()
             await self._wait_pending()
+            if self.unwritten is not None:
+                await self._recover()
+        elif self.buf:
+            for chunk in self.buf:
+                self._to_memory(chunk)
+            self.buf.clear()
 
 
 def _write_all(fd: int, data: bytes, hasher: "hashlib._Hash") -> None:
     view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
+    done = 0
+    try:
+        while done < len(data):
+            done += os.write(fd, view[done:])
+    except OSError as e:
+        hasher.update(view[:done])
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFull(done) from e
+        raise
     hasher.update(data)
 
 
@@ -726,6 +809,21 @@ class Evictor:
     async def _evict_task(self) -> None:
         self._kicked = False
         await self.evict(0)
+
+    async def free(self, nbytes: int) -> int:
+        """The disk is full whatever the budget says: evict least recently used until ``nbytes`` are freed."""
+        async with self._lock:
+            freed = 0
+            for digest, entry in await self.metadata.lru():
+                if freed >= nbytes:
+                    break
+                # the file first: that is what frees space (the index may itself be out of room)
+                await asyncio.get_running_loop().run_in_executor(None, self.store.remove, Digest.parse(digest))
+                await self.metadata.drop_entry(digest)
+                freed += entry.size
+                self.metrics.evictions.inc()
+                self.metrics.evicted_bytes.inc(entry.size)
+            return freed
 
     async def make_room(self, incoming: int) -> None:
         """Before a fill: evict so that usage plus the new blob stays under the budget."""

@@ -163,11 +163,13 @@ async def _blob(request: web.Request, policy: PullThrough, target: Target, diges
                         "Accept-Ranges": "bytes"})  # hits get FileResponse's own ETag (validators it checks)
         if result.path is not None:
             return await _send_file(request, result, rng, headers)
-        if request.method == "HEAD" or result.source is None:
+        if request.method == "HEAD" or (result.source is None and result.direct is None):
             if result.size is not None:
                 headers["Content-Length"] = str(result.size)
             info(request).bytes = 0
             return web.Response(status=200, headers=headers)
+        if result.direct is not None:
+            return await _relay(request, result, headers)
         byte_range = rng.resolve(result.size) if rng is not None and result.size is not None else None
         if byte_range is not None and policy.far_ahead(result, byte_range.start):
             return await _send_direct(request, policy, target, digest, byte_range, result.size or 0, headers)
@@ -217,7 +219,11 @@ async def _send_flight(request: web.Request, result: BlobResult, rng: oci.RangeS
         await resp.prepare(request)
         sender = SpanSender(request, resp, fd)
         async for offset, count in result.source.spans(start, end):
-            await sender.send(offset, count)
+            data = result.source.memory(offset, count)
+            if data is not None:  # disk full: straight through from memory
+                await resp.write(data)
+            else:
+                await sender.send(offset, count)
             sent += count
     except (FlightFailed, errors.OCIError) as e:
         info(request).error = str(e)
@@ -228,6 +234,31 @@ async def _send_flight(request: web.Request, result: BlobResult, rng: oci.RangeS
         return resp
     finally:
         os.close(fd)
+        info(request).bytes = sent
+        request.app[CTX].count_bytes("upstream", sent)
+    await resp.write_eof()
+    return resp
+
+
+async def _relay(request: web.Request, result: BlobResult, headers: dict[str, str]) -> web.StreamResponse:
+    """Disk full: the upstream body straight to the client (a short body is cut, never padded)."""
+    assert result.direct is not None
+    resp = web.StreamResponse(status=200, headers=headers)
+    if result.size is not None:
+        resp.content_length = result.size
+    sent = 0
+    try:
+        await resp.prepare(request)
+        async for chunk in result.direct.iter_chunks():
+            await resp.write(chunk)
+            sent += len(chunk)
+    except errors.OCIError as e:
+        info(request).error = e.code
+        _cut(request)
+        return resp
+    except ConnectionError:
+        return resp
+    finally:
         info(request).bytes = sent
         request.app[CTX].count_bytes("upstream", sent)
     await resp.write_eof()

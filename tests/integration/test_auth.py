@@ -201,3 +201,22 @@ async def test_logs_never_contain_credentials(auth_edge: tuple[Edge, Tap], token
     metrics = edge.app[__import__("edgecache.app", fromlist=["METRICS"]).METRICS].render().decode()
     for secret in secrets:
         assert secret not in metrics
+
+
+async def test_credentials_mode_uses_the_configured_account(edge_factory: EdgeFactory, make_tap: object,
+                                                            token_registry: RegistryProcess, token_server: TokenServer,
+                                                            monkeypatch: pytest.MonkeyPatch,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    """auth = "credentials": edgecache logs in with its own account (password from the environment);
+    who may use the mirror is the operator's business, so any client gets what that account can read."""
+    monkeypatch.setenv("EDGECACHE_TEST_REGISTRY_PASSWORD", "bobpw")
+    tap = await make_tap(token_registry.url)  # type: ignore[operator]
+    edge = await edge_factory(tap.url, auth="credentials", username="bob", password_env="EDGECACHE_TEST_REGISTRY_PASSWORD",
+                              token_realm_hosts=[realm_host(token_server)])
+    token_server.clear()
+    caplog.set_level(logging.DEBUG)
+    async with aiohttp.ClientSession() as http:
+        statuses = await pull_image(DockerClient(http), edge, "private/app", "v1")  # an anonymous client
+    assert set(statuses.values()) == {200}
+    assert {r.username for r in token_server.requests} == {"bob"}
+    assert "bobpw" not in caplog.text

@@ -235,3 +235,14 @@ async def test_anonymous_token_flow(edge_factory: EdgeFactory, make_tap: object,
             assert hashlib.sha256(await r.read()).hexdigest() == digest[7:]
     # one token for the repository scope, reused for every request after it
     assert tap.count(status=401) == 1
+
+
+async def test_manifest_over_4_mib_is_refused(edge_factory: EdgeFactory, tap: Tap, http: aiohttp.ClientSession) -> None:
+    edge = await edge_factory(tap.url)
+    huge = b'{"schemaVersion":2,"padding":"' + b"x" * (4 * 1024 * 1024) + b'"}'
+    tap.status_next("manifest", 200, {"Content-Type": "application/vnd.oci.image.manifest.v1+json"}, body=huge)
+    async with http.get(f"{edge.url}/v2/library/multi/manifests/huge", headers={"Accept": CONTAINERD_ACCEPT}) as r:
+        assert r.status == 413
+        assert (await r.json())["errors"][0]["code"] == "SIZE_INVALID"
+    store = edge.app[__import__("edgecache.app", fromlist=["STATE"]).STATE].store
+    assert store is not None and not any(p.stat().st_size > 4 * 1024 * 1024 for p in store.blobs.rglob("*") if p.is_file())

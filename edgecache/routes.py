@@ -22,7 +22,7 @@ from . import errors, oci
 from .requestinfo import info
 from .collapse import FlightFailed
 from .pullthrough import BlobResult, Outcome, PullThrough, Target
-from .upstream import Credential, UpstreamClient
+from .upstream import Credential, UpstreamClient, UpstreamResponse
 
 # containerd's ns= is a registry host, optionally with a port.
 _NS_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?)*(?::[0-9]{1,5})?")
@@ -243,26 +243,7 @@ async def _send_flight(request: web.Request, result: BlobResult, rng: oci.RangeS
 async def _relay(request: web.Request, result: BlobResult, headers: dict[str, str]) -> web.StreamResponse:
     """Disk full: the upstream body straight to the client (a short body is cut, never padded)."""
     assert result.direct is not None
-    resp = web.StreamResponse(status=200, headers=headers)
-    if result.size is not None:
-        resp.content_length = result.size
-    sent = 0
-    try:
-        await resp.prepare(request)
-        async for chunk in result.direct.iter_chunks():
-            await resp.write(chunk)
-            sent += len(chunk)
-    except errors.OCIError as e:
-        info(request).error = e.code
-        _cut(request)
-        return resp
-    except ConnectionError:
-        return resp
-    finally:
-        info(request).bytes = sent
-        request.app[CTX].count_bytes("upstream", sent)
-    await resp.write_eof()
-    return resp
+    return await _stream_upstream(request, result.direct, 200, result.size, headers)
 
 
 async def _send_direct(request: web.Request, policy: PullThrough, target: Target, digest: oci.Digest,
@@ -270,8 +251,18 @@ async def _send_direct(request: web.Request, policy: PullThrough, target: Target
     """A range far beyond the download position: relay it from upstream directly."""
     upstream = await policy.direct_range(target, digest, byte_range.start, byte_range.end)
     headers["Content-Range"] = byte_range.content_range(size)
-    resp = web.StreamResponse(status=206, headers=headers)
-    resp.content_length = byte_range.length
+    try:
+        return await _stream_upstream(request, upstream, 206, byte_range.length, headers)
+    finally:
+        upstream.release()
+
+
+async def _stream_upstream(request: web.Request, upstream: UpstreamResponse, status: int, length: int | None,
+                           headers: dict[str, str]) -> web.StreamResponse:
+    """Relay an upstream body as it comes; an interrupted one cuts the client's connection."""
+    resp = web.StreamResponse(status=status, headers=headers)
+    if length is not None:
+        resp.content_length = length
     sent = 0
     try:
         await resp.prepare(request)
@@ -286,8 +277,8 @@ async def _send_direct(request: web.Request, policy: PullThrough, target: Target
         info(request).error = "client disconnected"
         return resp
     finally:
-        upstream.release()
         info(request).bytes = sent
+        request.app[CTX].count_bytes("upstream", sent)
     await resp.write_eof()
     return resp
 

@@ -66,6 +66,7 @@ class Metadata:
         self._counts: dict[str, int] = {}
         self._tag_front: dict[str, TagEntry] = {}  # this process's view; the index is the shared truth
         self._parents: dict[str, tuple[str, ...]] = {}
+        self._lookups: dict[str, asyncio.Future[Any]] = {}
         self._dropped: set[str] = set()  # evicted here, even if the index write failed (disk full)
         self.is_open = False
 
@@ -119,7 +120,12 @@ class Metadata:
             return entry
         if digest in self._dropped:
             return None
-        raw = await self._run(self.entries.get, digest)
+        # A cold storm asks for the same missing digest many times at once: one index lookup serves all.
+        pending = self._lookups.get(digest)
+        if pending is None:
+            pending = self._lookups[digest] = asyncio.ensure_future(self._run(self.entries.get, digest))
+            pending.add_done_callback(lambda _f: self._lookups.pop(digest, None))
+        raw = await asyncio.shield(pending)
         if raw is None:
             return None
         entry = Entry(**raw)

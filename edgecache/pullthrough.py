@@ -130,7 +130,7 @@ class PullThrough:
         self._tags: SingleFlight[ManifestResult] = SingleFlight()
         self._manifests: SingleFlight[ManifestResult] = SingleFlight()
         self._probes: SingleFlight[bool] = SingleFlight()
-        self._starting: dict[str, asyncio.Lock] = {}
+        self._starting: dict[str, asyncio.Future[None]] = {}
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
@@ -402,18 +402,26 @@ class PullThrough:
         flight = self.flights.get(key)
         if flight is not None:
             return await self._follow(target, flight, digest)
-        # One request per digest at a time decides between leading and following, so that
-        # requests in this process never mistake our own leader for another worker's.
-        starting = self._starting.setdefault(key, asyncio.Lock())
+        # One request per digest decides between leading and following (so that requests in this
+        # process never mistake our own leader for another worker's); the others wait for that
+        # decision all together (a lock would hand over one by one: a convoy in a cold storm).
+        claim = self._starting.get(key)
+        if claim is not None:
+            await asyncio.shield(claim)
+            return await self.blob(target, digest, head)
+        claim = self._starting[key] = asyncio.get_running_loop().create_future()
         try:
-            async with starting:
-                flight = self.flights.get(key)
-                if flight is not None:
-                    return await self._follow(target, flight, digest)
-                return await self._lead_or_follow_remote(target, digest)
+            decided = await self._lead_or_follow_remote(target, digest)
         finally:
-            if not starting.locked() and self._starting.get(key) is starting:
-                del self._starting[key]
+            del self._starting[key]
+            claim.set_result(None)
+        return await self._as_result(decided, digest)
+
+    async def _as_result(self, decided: BlobResult | Flight, digest: Digest) -> BlobResult:
+        if isinstance(decided, Flight):  # we lead: wait for the upstream's headers like any reader
+            await decided.wait_ready()
+            return self._flight_result(decided, digest, Outcome.MISS)
+        return decided
 
     async def _straight_through(self, target: Target, digest: Digest) -> BlobResult:
         """No room on disk: relay the upstream body to this client, verified by nobody but the client."""
@@ -481,7 +489,7 @@ class PullThrough:
         except FileNotFoundError:
             raise errors.UpstreamError("download failed", detail={"digest": str(digest)}) from None
 
-    async def _lead_or_follow_remote(self, target: Target, digest: Digest) -> BlobResult:
+    async def _lead_or_follow_remote(self, target: Target, digest: Digest) -> BlobResult | Flight:
         lock = self.store.lock(digest)
         if await self._run(lock.try_acquire):
             size = await self._run(self.store.size, digest)
@@ -493,10 +501,8 @@ class PullThrough:
             origin = (target.upstream.name, target.repo, target.credential.key)
             flight = self.flights.start(str(digest), origin, lambda f: self._download(f, target, digest, lock))
             self.metrics.flights.inc()
-        else:
-            return await self._follow_remote(target, digest, lock)
-        await flight.wait_ready()
-        return self._flight_result(flight, digest, Outcome.MISS)
+            return flight
+        return await self._follow_remote(target, digest, lock)
 
     async def _follow_remote(self, target: Target, digest: Digest, lock: Any) -> BlobResult:
         """Another worker process downloads this digest: tail its partial file."""
@@ -513,7 +519,7 @@ class PullThrough:
                 return await self.blob(target, digest, head=False)
             if await self._run(lock.try_acquire):  # the other worker gave up before starting
                 await self._run(lock.release)
-                return await self._lead_or_follow_remote(target, digest)
+                return await self._as_result(await self._lead_or_follow_remote(target, digest), digest)
             if time.monotonic() > deadline:
                 raise errors.UpstreamUnavailable("timed out waiting for another worker's download")
             await asyncio.sleep(delay)

@@ -31,6 +31,7 @@ deb-test-deps:
 
 lint: venv
 	$(BIN)/mypy -p edgecache
+	$(BIN)/mypy tests
 	$(BIN)/lint-imports
 
 test: deb-test-deps venv lint

@@ -118,7 +118,7 @@ async def assert_edge_settled(edge: Edge, timeout: float = 10.0) -> None:
                 and not any(state.store.tmp.iterdir())  # type: ignore[union-attr]
                 and metrics.in_progress._value.get() == 0  # noqa: SLF001
                 and metrics.flights._value.get() == 0  # noqa: SLF001
-                and not state.policy._starting)  # noqa: SLF001 - per-digest start locks must not pile up
+                and state.policy is not None and not state.policy._starting)  # noqa: SLF001 - per-digest start locks must not pile up
 
     def describe() -> str:
         return (f"tasks {sorted(t.get_name() for t in tasks.pending())}, flights {len(state.flights or [])}, "

@@ -416,7 +416,7 @@ async def shared_tag_digests(redis_url: str, repo: str) -> list[str]:
     """Digests of the Redis tag entries for ``repo:v1`` (keys ``edgecache:...t|<upstream>|<repo>|<tag>|<accept>``)."""
     import redis.asyncio as aioredis
 
-    client = aioredis.from_url(redis_url)
+    client = aioredis.from_url(redis_url)  # type: ignore[no-untyped-call]
     try:
         keys = sorted(await client.keys(f"edgecache:*t|origin|{repo}|v1|*"))
         return [orjson.loads(await client.get(k))["digest"] for k in keys]
@@ -457,7 +457,9 @@ async def moving_tag_scenario(tmp_path: Path, make_tap: Any, registry: RegistryP
         assert tap_a.count() == tap_b.count() == 0
 
         # A's clock passes the TTL: A revalidates upstream and learns the new digest.
-        a.app[STATE].policy.clock = lambda: time.time() + 3600
+        policy = a.app[STATE].policy
+        assert policy is not None
+        policy.clock = lambda: time.time() + 3600
         status, body, _ = await get(http, a.url + url, ACCEPT)
         assert status == 200 and sha256(body) == new.digest and body == new.manifest
         assert tap_a.count(kind="manifest", digest="v1") >= 1

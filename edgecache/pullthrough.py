@@ -376,6 +376,8 @@ class PullThrough:
         if target.cfg.auth != "passthrough":
             return
         up, repo = target.upstream.name, target.repo
+        if not await self.metadata.has_link(up, repo, digest):  # never seen there: a private digest
+            raise unauthorized(target, "upstream unavailable and this content was never seen in this repository")
         if await self.metadata.visibility(up, repo) == "public":
             return
         cred = target.upstream.effective_credential(target.credential)

@@ -220,3 +220,22 @@ async def test_credentials_mode_uses_the_configured_account(edge_factory: EdgeFa
     assert set(statuses.values()) == {200}
     assert {r.username for r in token_server.requests} == {"bob"}
     assert "bobpw" not in caplog.text
+
+
+async def test_upstream_down_never_serves_a_private_digest_under_a_public_name(
+        auth_edge: tuple[Edge, Tap], token_registry: RegistryProcess) -> None:
+    """With the upstream unreachable, cached content is only served where it was seen, to whom it was shown."""
+    edge, tap = auth_edge
+    private, public = token_registry.seeded.private, token_registry.seeded.public
+    async with aiohttp.ClientSession() as http:
+        alice = DockerClient(http, "alice", "alicepw")
+        assert set((await pull_image(alice, edge, private.repo, "v1")).values()) == {200}
+        assert set((await pull_image(DockerClient(http), edge, public.repo, "v1")).values()) == {200}
+        tap.set_down()
+        anonymous = DockerClient(http)
+        for digest in (private.config_digest, *private.layer_digests):
+            status, body, _ = await anonymous.get(f"{edge.url}/v2/{public.repo}/blobs/{digest}")
+            assert status in (401, 403, 502, 503), status  # never 200
+            assert private.blobs[digest] not in body
+        status, _, _ = await anonymous.get(f"{edge.url}/v2/{public.repo}/blobs/{public.layer_digests[0]}")
+        assert status == 200  # what the public repository showed everyone is still served

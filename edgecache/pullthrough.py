@@ -528,6 +528,9 @@ class PullThrough:
             delay = min(0.02, delay * 2)
         await self.authorize_cached(target, oci.Kind.BLOB, str(digest))
         final = self.store.path(digest)
+        if info.size < 0:  # the upstream sent no length: wait for the verified file, then serve it
+            await self._run(os.close, fd)
+            return await self._await_remote_commit(target, digest, lock, deadline)
 
         def probe() -> tuple[int, bool]:
             st = os.fstat(fd)
@@ -552,6 +555,25 @@ class PullThrough:
 
         return BlobResult(str(digest), info.size, oci.OCTET_STREAM, Outcome.COLLAPSED, source=source,
                           open_partial=reopen, release=lambda: os.close(fd))
+
+    async def _await_remote_commit(self, target: Target, digest: Digest, lock: Any, deadline: float) -> BlobResult:
+        delay = 0.005
+        while await self._run(self.store.size, digest) is None:
+            if await self._run(lock.try_acquire):  # the writer is gone and nothing was committed
+                await self._run(lock.release)
+                if await self._run(self.store.size, digest) is None:
+                    raise errors.UpstreamError("another worker's download failed", detail={"digest": str(digest)})
+                break
+            if time.monotonic() > deadline + 3600:
+                raise errors.UpstreamUnavailable("timed out waiting for another worker's download")
+            await asyncio.sleep(delay)  # cross-process: no event to wait on; bounded backoff
+            delay = min(0.1, delay * 2)
+        self.metadata.forget_front(str(digest))
+        if await self.metadata.get_entry(str(digest)) is None:
+            size = await self._run(self.store.size, digest)
+            if size is not None:
+                await self.metadata.put_entry(str(digest), size, oci.OCTET_STREAM)
+        return await self.blob(target, digest, head=False)
 
     async def _download(self, flight: Flight, target: Target, digest: Digest, lock: Any) -> None:
         """The app-owned fill: GET once, tee into the partial file while hashing, verify, commit.
@@ -592,7 +614,8 @@ class PullThrough:
                 self.metadata.add_link(target.upstream.name, target.repo, key),
                 self._remember_access(target, f"/v2/{target.repo}/blobs/{digest}"),
                 self.evictor.make_room(size or 0))
-            fd = await self._run(self.store.begin_fill, digest, FillInfo(size or 0, oci.OCTET_STREAM))
+            fd = await self._run(self.store.begin_fill, digest,
+                                 FillInfo(size if size is not None else -1, oci.OCTET_STREAM))
             flight.read_fd = await self._run(self.store.open_partial, digest)
             flight.start(size, oci.OCTET_STREAM)
             hasher = digest.hasher()

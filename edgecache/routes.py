@@ -340,7 +340,9 @@ class SpanSender:
         self.request, self.resp, self.fd = request, resp, fd
         self.file = os.fdopen(os.dup(fd), "rb", buffering=0)
         transport = request.transport
-        self.zero_copy = transport is not None and transport.get_extra_info("sslcontext") is None
+        # sendfile writes raw bytes: not under TLS, and not into a chunked body (no length known)
+        self.zero_copy = (transport is not None and transport.get_extra_info("sslcontext") is None
+                          and resp.content_length is not None)
 
     async def send(self, offset: int, count: int) -> None:
         loop = asyncio.get_running_loop()

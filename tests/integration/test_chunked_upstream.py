@@ -17,7 +17,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from tests.support.edge import EdgeFactory, EdgeProcess
+from tests.support.edge import EdgeFactory, start_workers
 from tests.support.registry import free_port
 
 BLOB = os.urandom(3 << 20)
@@ -95,30 +95,9 @@ async def test_chunked_upstream_in_one_process(edge_factory: EdgeFactory, upstre
 
 
 async def test_chunked_upstream_across_workers(tmp_path: Path, upstream: ChunkedUpstream) -> None:
-    port = free_port()
-    cfg = tmp_path / "edgecache.toml"
-    cfg.write_text(f"""
-version = 1
-[server]
-listen = "127.0.0.1:{port}"
-workers = 2
-[cache]
-dir = "{tmp_path / 'cache'}"
-[upstreams.up]
-url = "{upstream.url}"
-default = true
-""")
-    proc = EdgeProcess(cfg, tmp_path / "edge.log")
-    url = f"http://127.0.0.1:{port}"
-    await asyncio.get_running_loop().run_in_executor(None, proc.start, url)
+    proc, url = await start_workers(tmp_path, upstream.url)
     try:
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, force_close=True)) as http:
-            pids: set[int] = set()
-            deadline = time.monotonic() + 20
-            while len(pids) < 2:
-                assert time.monotonic() < deadline
-                async with http.get(url + "/healthz") as r:
-                    pids.add((await r.json())["pid"])
             tasks = [asyncio.ensure_future(get(http, f"{url}/v2/chunky/blobs/{DIGEST}")) for _ in range(20)]
             deadline = time.monotonic() + 10
             while upstream.gets < 1:

@@ -17,7 +17,7 @@ import pytest
 
 from edgecache.app import METRICS, STATE
 from edgecache.oci import Digest
-from tests.support.edge import Edge, EdgeFactory, EdgeProcess, wait_ready
+from tests.support.edge import Edge, EdgeFactory, start_workers
 from tests.support.registry import RegistryProcess, free_port
 from tests.support.tap import Tap
 
@@ -211,31 +211,8 @@ async def test_stale_tag_revalidation_is_collapsed(edge_factory: EdgeFactory, ta
 @pytest.mark.slow
 async def test_collapse_across_two_workers(tmp_path: Path, tap: Tap, registry: RegistryProcess) -> None:
     """workers = 2 share one port and one cache dir: still exactly one upstream GET."""
-    port = free_port()
-    cfg = tmp_path / "edgecache.toml"
-    cfg.write_text(f"""
-version = 1
-[server]
-listen = "127.0.0.1:{port}"
-workers = 2
-[cache]
-dir = "{tmp_path / 'cache'}"
-[upstreams.up]
-url = "{tap.url}"
-namespaces = ["{tap.host}"]
-default = true
-""")
-    proc = EdgeProcess(cfg, tmp_path / "edge.log")
-    url = f"http://127.0.0.1:{port}"
-    await asyncio.get_running_loop().run_in_executor(None, proc.start, url)
+    proc, url = await start_workers(tmp_path, tap.url)
     try:
-        pids: set[int] = set()
-        deadline = time.monotonic() + 20
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as http:
-            while len(pids) < 2:  # both workers listening (each answers /healthz with its pid)
-                assert time.monotonic() < deadline, f"only workers {pids} came up"
-                async with http.get(url + "/healthz") as r:
-                    pids.add((await r.json())["pid"])
         digest = registry.seeded.big_layer_digest
         gate = tap.hold_first("blob", digest)
         # many connections, so the kernel spreads them over both workers

@@ -180,3 +180,42 @@ async def run(*argv: str, timeout: float = 120.0, env: dict[str, str] | None = N
         await proc.wait()
         raise
     return proc.returncode or 0, out.decode(errors="replace")
+
+
+async def start_workers(tmp_path: Path, upstream_url: str, workers: int = 2) -> tuple[EdgeProcess, str]:
+    """edgecache as ``workers`` processes on one port over one cache dir; returns once every worker answers."""
+    port = _free_port()
+    cfg = tmp_path / "edgecache.toml"
+    cfg.write_text(f"""
+version = 1
+[server]
+listen = "127.0.0.1:{port}"
+workers = {workers}
+[cache]
+dir = "{tmp_path / 'cache'}"
+[upstreams.up]
+url = "{upstream_url}"
+namespaces = ["{upstream_url.split('://', 1)[1]}"]
+default = true
+""")
+    proc = EdgeProcess(cfg, tmp_path / "edge.log")
+    url = f"http://127.0.0.1:{port}"
+    await asyncio.get_running_loop().run_in_executor(None, proc.start, url)
+    pids: set[int] = set()
+    deadline = time.monotonic() + 20
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as http:
+        while len(pids) < workers:  # each worker answers /healthz with its pid
+            if time.monotonic() > deadline:
+                proc.stop()
+                raise TimeoutError(f"only workers {pids} came up")
+            async with http.get(url + "/healthz") as r:
+                pids.add((await r.json())["pid"])
+    return proc, url
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -194,7 +194,11 @@ class Metadata:
         return [(d, e) for d, e in await self._run(self._lru) if d not in self._dropped]
 
     def _lru(self) -> list[tuple[str, Entry]]:
-        items = [(k, Entry(**self.entries[k])) for k in self.entries.iterkeys() if k in self.entries]
+        items = []
+        for k in self.entries.iterkeys():
+            raw = self.entries.get(k)  # another worker may drop it between listing and reading
+            if raw is not None:
+                items.append((k, Entry(**raw)))
         items.sort(key=lambda kv: kv[1].atime)
         return items
 

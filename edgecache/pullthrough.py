@@ -237,6 +237,9 @@ class PullThrough:
 
     def _remember_manifest(self, digest: str, data: bytes) -> None:
         """Keep small documents in memory: manifests are read far more often than they change (never)."""
+        if digest in self._hot:
+            self._hot.move_to_end(digest)
+            return
         self._hot[digest] = data
         self._hot_bytes += len(data)
         while self._hot_bytes > HOT_MANIFEST_BYTES:
@@ -373,11 +376,14 @@ class PullThrough:
 
     async def authorize_cached_offline(self, target: Target, digest: str) -> None:
         """With upstream down, serve only what this credential was already shown (public, or confirmed)."""
+        up, repo = target.upstream.name, target.repo
+        if not await self.metadata.has_link(up, repo, digest):  # never seen there: maybe another repo's secret
+            if target.cfg.auth == "passthrough":
+                raise unauthorized(target, "upstream unavailable and this content was never seen in this repository")
+            raise errors.UpstreamUnavailable(f"upstream {up} unavailable and this content was never seen in {repo}",
+                                             detail={"upstream": up})
         if target.cfg.auth != "passthrough":
             return
-        up, repo = target.upstream.name, target.repo
-        if not await self.metadata.has_link(up, repo, digest):  # never seen there: a private digest
-            raise unauthorized(target, "upstream unavailable and this content was never seen in this repository")
         if await self.metadata.visibility(up, repo) == "public":
             return
         cred = target.upstream.effective_credential(target.credential)
@@ -418,6 +424,18 @@ class PullThrough:
             del self._starting[key]
             claim.set_result(None)
         return await self._as_result(decided, digest)
+
+    async def _committed_hit(self, target: Target, digest: Digest, size: int) -> BlobResult:
+        """The verified file is there (another worker committed it): a hit, without re-entering blob()
+        (we may hold this digest's lead decision, and blob() would wait for it)."""
+        key = str(digest)
+        self.metadata.forget_front(key)
+        entry = await self.metadata.get_entry(key)
+        if entry is None:
+            await self.metadata.put_entry(key, size, oci.OCTET_STREAM)
+        await self.authorize_cached(target, oci.Kind.BLOB, key)
+        self.metadata.touch(key)
+        return BlobResult(key, size, oci.OCTET_STREAM, Outcome.HIT, path=self.store.path(digest))
 
     async def _as_result(self, decided: BlobResult | Flight, digest: Digest) -> BlobResult:
         if isinstance(decided, Flight):  # we lead: wait for the upstream's headers like any reader
@@ -497,9 +515,7 @@ class PullThrough:
             size = await self._run(self.store.size, digest)
             if size is not None:  # committed meanwhile (another worker), verified before its rename
                 await self._run(lock.release)
-                if await self.metadata.get_entry(str(digest)) is None:
-                    await self.metadata.put_entry(str(digest), size, oci.OCTET_STREAM)
-                return await self.blob(target, digest, head=False)
+                return await self._committed_hit(target, digest, size)
             origin = (target.upstream.name, target.repo, target.credential.key)
             flight = self.flights.start(str(digest), origin, lambda f: self._download(f, target, digest, lock))
             self.metrics.flights.inc()
@@ -516,9 +532,8 @@ class PullThrough:
             if info is not None and fd is not None:
                 break
             committed = await self._run(self.store.size, digest)
-            if await self.metadata.get_entry(str(digest)) is not None or committed is not None:
-                self.metadata.forget_front(str(digest))
-                return await self.blob(target, digest, head=False)
+            if committed is not None:
+                return await self._committed_hit(target, digest, committed)
             if await self._run(lock.try_acquire):  # the other worker gave up before starting
                 await self._run(lock.release)
                 return await self._as_result(await self._lead_or_follow_remote(target, digest), digest)
@@ -526,7 +541,11 @@ class PullThrough:
                 raise errors.UpstreamUnavailable("timed out waiting for another worker's download")
             await asyncio.sleep(delay)
             delay = min(0.02, delay * 2)
-        await self.authorize_cached(target, oci.Kind.BLOB, str(digest))
+        try:
+            await self.authorize_cached(target, oci.Kind.BLOB, str(digest))
+        except BaseException:
+            await self._run(os.close, fd)
+            raise
         final = self.store.path(digest)
         if info.size < 0:  # the upstream sent no length: wait for the verified file, then serve it
             await self._run(os.close, fd)
@@ -568,12 +587,10 @@ class PullThrough:
                 raise errors.UpstreamUnavailable("timed out waiting for another worker's download")
             await asyncio.sleep(delay)  # cross-process: no event to wait on; bounded backoff
             delay = min(0.1, delay * 2)
-        self.metadata.forget_front(str(digest))
-        if await self.metadata.get_entry(str(digest)) is None:
-            size = await self._run(self.store.size, digest)
-            if size is not None:
-                await self.metadata.put_entry(str(digest), size, oci.OCTET_STREAM)
-        return await self.blob(target, digest, head=False)
+        size = await self._run(self.store.size, digest)
+        if size is None:
+            raise errors.UpstreamError("another worker's download failed", detail={"digest": str(digest)})
+        return await self._committed_hit(target, digest, size)
 
     async def _download(self, flight: Flight, target: Target, digest: Digest, lock: Any) -> None:
         """The app-owned fill: GET once, tee into the partial file while hashing, verify, commit.
@@ -709,6 +726,8 @@ class _Tee:
         self.unwritten: bytes | None = None  # the rest of a write that hit a full disk
 
     async def feed(self, chunk: bytes) -> None:
+        if self.error is not None:  # a write failed (EIO...): stop reading instead of buffering the rest
+            raise self.error
         if self.flight.spilled_at is not None:
             self._to_memory(chunk)
             return

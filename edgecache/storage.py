@@ -18,6 +18,7 @@ import errno
 import fcntl
 import logging
 import os
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,7 +103,7 @@ class BlobStore:
         """Store small verified content (a manifest) atomically; returns its size."""
         final = self.path(digest)
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.tmp / f"{digest.algorithm}-{digest.hex}.{os.getpid()}.small"
+        tmp = self.tmp / f"{digest.algorithm}-{digest.hex}.{os.getpid()}.{uuid.uuid4().hex[:12]}.small"
         try:
             with open(tmp, "wb") as f:
                 f.write(data)

@@ -230,7 +230,11 @@ class UpstreamClient:
             return resp  # a valid token without access (RFC 6750 §3.1): a new one would say the same
         if auth is not None:  # the cached token was refused (expired, revoked): forget it, get a new one
             await self._tokens.delete(self._token_key(scope, cred))
-        new_auth = await self._answer_challenge(challenge, scope, cred, refused=auth)
+        try:
+            new_auth = await self._answer_challenge(challenge, scope, cred, refused=auth)
+        except BaseException:
+            resp.release()
+            raise
         if new_auth is None or new_auth == auth:
             return resp  # nothing new to present: the 401 is the answer (no identical resend)
         resp.release()
@@ -288,10 +292,10 @@ class UpstreamClient:
         return parse_token(body)
 
     async def _send(self, method: str, url: str, headers: dict[str, str], auth: str | None) -> UpstreamResponse:
-        origin = urlsplit(url).netloc
+        origin = urlsplit(url)[:2]  # scheme and host:port: never to another host, never downgraded to http
         for _ in range(_MAX_REDIRECTS + 1):
             h = dict(headers)
-            if auth and urlsplit(url).netloc == origin:
+            if auth and urlsplit(url)[:2] == origin:
                 h["Authorization"] = auth  # never to another host (S3, CDN)
             started = time.monotonic()
             resp = await self.session.request(method, url, headers=h, allow_redirects=False)

@@ -239,3 +239,22 @@ async def test_upstream_down_never_serves_a_private_digest_under_a_public_name(
             assert private.blobs[digest] not in body
         status, _, _ = await anonymous.get(f"{edge.url}/v2/{public.repo}/blobs/{public.layer_digests[0]}")
         assert status == 200  # what the public repository showed everyone is still served
+
+
+async def test_upstream_down_never_serves_another_upstreams_private_blob(
+        edge_factory: EdgeFactory, make_tap: object, token_registry: RegistryProcess, token_server: TokenServer,
+        registry: RegistryProcess) -> None:
+    """A digest cached from a passthrough upstream is not served through an anonymous one that is down."""
+    corp = await make_tap(token_registry.url)  # type: ignore[operator]
+    hub = await make_tap(registry.url)  # type: ignore[operator]
+    edge = await edge_factory(hub.url, name="hub", auth="anonymous", extra_upstreams={"corp": {
+        "url": corp.url, "namespaces": ["corp.example"], "prefix": "corp", "auth": "passthrough",
+        "token_realm_hosts": [realm_host(token_server)]}})
+    private = token_registry.seeded.private
+    async with aiohttp.ClientSession() as http:
+        alice = DockerClient(http, "alice", "alicepw")
+        status, _, _ = await alice.get(f"{edge.url}/v2/corp/{private.repo}/blobs/{private.layer_digests[0]}")
+        assert status == 200
+        hub.set_down()
+        status, body, _ = await DockerClient(http).get(f"{edge.url}/v2/library/x/blobs/{private.layer_digests[0]}")
+        assert status != 200 and private.blobs[private.layer_digests[0]] not in body

@@ -129,7 +129,7 @@ class PullThrough:
         self._hot_bytes = 0
         self._tags: SingleFlight[ManifestResult] = SingleFlight()
         self._manifests: SingleFlight[ManifestResult] = SingleFlight()
-        self._probes: SingleFlight[bool] = SingleFlight()
+        self._probes: SingleFlight[bool | None] = SingleFlight()
         self._starting: dict[str, asyncio.Future[None]] = {}
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
@@ -150,19 +150,22 @@ class PullThrough:
             return
         if known is None:
             public = await self._probes.do(f"{up}|{repo}", lambda: self._probe_public(target, path))
-            await self.metadata.set_visibility(up, repo, "public" if public else "private")
+            if public is not None:  # an erring probe (429, 5xx, timeout) decides nothing
+                await self.metadata.set_visibility(up, repo, "public" if public else "private")
 
-    async def _probe_public(self, target: Target, path: str) -> bool:
-        """Would an anonymous client be let in? One HEAD per repository, remembered."""
+    async def _probe_public(self, target: Target, path: str) -> bool | None:
+        """Would an anonymous client be let in? One HEAD per repository, remembered; None: no answer."""
         from .upstream import ANONYMOUS  # local: the sentinel, not a second client
 
         anon = Target(target.upstream, target.repo, ANONYMOUS)
         try:
             resp = await anon.upstream.request("HEAD", path, scope=anon.scope, credential=ANONYMOUS)
         except errors.OCIError:
-            return False
+            return None
         resp.release()
-        return resp.status == 200
+        if resp.status == 200:
+            return True
+        return False if resp.status in (401, 403, 404) else None
 
     async def authorize_cached(self, target: Target, kind: oci.Kind, digest: str, accept: str | None = None) -> None:
         """Decide whether ``target`` may read cached ``digest``, asking upstream only when we must."""

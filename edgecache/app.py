@@ -261,7 +261,3 @@ async def reload(app: web.Application, new: Config) -> list[str]:
 def drain(app: web.Application) -> None:
     """Mark the app as draining (SIGTERM): readiness turns false."""
     app[STATE].draining = True
-
-
-def cache_stats(app: web.Application) -> dict[str, int]:
-    return {"flights": len(app[STATE].flights or []), "tasks": len(app[TASKS]), "pid": os.getpid()}

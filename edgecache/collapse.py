@@ -71,9 +71,6 @@ class Flight:
         self.written += n
         self._wake()
 
-    def rewind(self, written: int) -> None:
-        self.written = written
-
     def spill(self) -> None:
         """The disk is full: from here on, bytes live in memory only (see :meth:`memory`)."""
         if self.spilled_at is None:

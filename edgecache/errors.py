@@ -53,10 +53,6 @@ class ManifestUnknown(OCIError):
     code, status = "MANIFEST_UNKNOWN", 404
 
 
-class ManifestInvalid(OCIError):
-    code, status = "MANIFEST_INVALID", 400
-
-
 class BlobUnknown(OCIError):
     code, status = "BLOB_UNKNOWN", 404
 

@@ -297,9 +297,6 @@ class Metadata:
     async def set_negative(self, key: str, ttl: float) -> None:
         await self._write(self.meta.set, "n|" + key, self._clock() + ttl)
 
-    async def clear_negative(self, key: str) -> None:
-        await self._write(self.meta.pop, "n|" + key, None)
-
     async def get_value(self, key: str) -> Any:
         return await self._run(self.meta.get, "x|" + key)
 

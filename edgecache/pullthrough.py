@@ -16,11 +16,12 @@ import logging
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import orjson
 from aiocache import BaseCache
 
 from . import errors, oci
@@ -216,7 +217,7 @@ class PullThrough:
         if media_type not in oci.INDEX_TYPES:
             return
         try:
-            doc = __import__("orjson").loads(data)
+            doc = orjson.loads(data)
             children = [str(m["digest"]) for m in doc.get("manifests", []) if isinstance(m, dict) and "digest" in m]
         except (ValueError, TypeError, AttributeError):
             return
@@ -445,6 +446,24 @@ class PullThrough:
             await decided.wait_ready()
             return self._flight_result(decided, digest, Outcome.MISS)
         return decided
+
+    async def listing(self, target: Target, kind: oci.Kind, path: str, query: dict[str, str], accept: str,
+                      passed: tuple[str, ...]) -> tuple[bytes, dict[str, str]]:
+        """Tags list and referrers: always the upstream's answer (not cached), with the headers that matter."""
+        resp = await target.upstream.request("GET", path, scope=target.scope, credential=target.credential,
+                                             headers={"Accept": accept}, query=query)
+        try:
+            if resp.status != 200:
+                raise upstream_failure(resp, target, kind, "")
+            body = await resp.read(oci.MAX_MANIFEST_BYTES)
+            return body, {name: resp.headers[name] for name in passed if name in resp.headers}
+        finally:
+            resp.release()
+
+    async def relay_token(self, client: UpstreamClient, method: str, query: Mapping[str, str],
+                          form: Mapping[str, str] | None, authorization: str | None) -> tuple[int, bytes]:
+        """Passthrough mode: the client's token request, relayed to the upstream's realm."""
+        return await client.relay_token(method, query, form, authorization)
 
     async def _straight_through(self, target: Target, digest: Digest) -> BlobResult:
         """No room on disk: relay the upstream body to this client, verified by nobody but the client."""
@@ -870,13 +889,17 @@ class Evictor:
             for digest, entry in await self.metadata.lru():
                 if freed >= nbytes:
                     break
-                # the file first: that is what frees space (the index may itself be out of room)
-                await asyncio.get_running_loop().run_in_executor(None, self.store.remove, Digest.parse(digest))
-                await self.metadata.drop_entry(digest)
-                freed += entry.size
-                self.metrics.evictions.inc()
-                self.metrics.evicted_bytes.inc(entry.size)
+                freed += await self._evict_one(digest, entry.size)
             return freed
+
+    async def _evict_one(self, digest: str, size: int) -> int:
+        """Forget an entry, then unlink its file (an open reader keeps its inode); index writes that fail
+        on a full disk are remembered in memory, so the file still goes and frees its space."""
+        await self.metadata.drop_entry(digest)
+        await asyncio.get_running_loop().run_in_executor(None, self.store.remove, Digest.parse(digest))
+        self.metrics.evictions.inc()
+        self.metrics.evicted_bytes.inc(size)
+        return size
 
     async def make_room(self, incoming: int) -> None:
         """Before a fill: evict so that usage plus the new blob stays under the budget."""
@@ -893,11 +916,7 @@ class Evictor:
             for digest, entry in await self.metadata.lru():
                 if total - freed <= target:
                     break
-                await self.metadata.drop_entry(digest)
-                await asyncio.get_running_loop().run_in_executor(None, self.store.remove, Digest.parse(digest))
-                freed += entry.size
-                self.metrics.evictions.inc()
-                self.metrics.evicted_bytes.inc(entry.size)
+                freed += await self._evict_one(digest, entry.size)
             self.metrics.cache_bytes.set(total - freed)
             if freed:
                 log.info("evicted %d bytes (usage %d, budget %d)", freed, total - freed, self.max_size)

@@ -15,7 +15,6 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlencode
 
-import orjson
 from aiohttp import web
 
 from . import errors, oci
@@ -214,10 +213,10 @@ async def _send_flight(request: web.Request, result: BlobResult, rng: oci.RangeS
     if result.size is not None:
         resp.content_length = (end - start + 1) if end is not None else result.size - start
     fd = await result.open_partial()
+    sender = SpanSender(request, resp, fd)
     sent = 0
     try:
         await resp.prepare(request)
-        sender = SpanSender(request, resp, fd)
         async for offset, count in result.source.spans(start, end):
             data = result.source.memory(offset, count)
             if data is not None:  # disk full: straight through from memory
@@ -233,7 +232,7 @@ async def _send_flight(request: web.Request, result: BlobResult, rng: oci.RangeS
         info(request).error = "client disconnected"
         return resp
     finally:
-        os.close(fd)
+        sender.close()
         info(request).bytes = sent
         request.app[CTX].count_bytes("upstream", sent)
     await resp.write_eof()
@@ -338,7 +337,7 @@ class SpanSender:
 
     def __init__(self, request: web.Request, resp: web.StreamResponse, fd: int) -> None:
         self.request, self.resp, self.fd = request, resp, fd
-        self.file = os.fdopen(os.dup(fd), "rb", buffering=0)
+        self.file = os.fdopen(fd, "rb", buffering=0)  # owns the fd: close() closes it
         transport = request.transport
         # sendfile writes raw bytes: not under TLS, and not into a chunked body (no length known)
         self.zero_copy = (transport is not None and transport.get_extra_info("sslcontext") is None
@@ -363,7 +362,7 @@ class SpanSender:
             await self.resp.write(data)
             offset += len(data)
 
-    def __del__(self) -> None:
+    def close(self) -> None:
         self.file.close()
 
 
@@ -393,23 +392,13 @@ def _referrers_query(request: web.Request) -> dict[str, str]:
 
 async def _passthrough(request: web.Request, target: Target, path: str, query: dict[str, str]) -> web.StreamResponse:
     """Tags list and referrers: answered by the upstream, headers that matter passed back."""
-    resp = await target.upstream.request("GET", path, scope=target.scope, credential=target.credential,
-                                         headers={"Accept": request.headers.get("Accept", "application/json")},
-                                         query=query)
-    try:
-        if resp.status != 200:
-            kind = oci.Kind.TAGS if path.endswith("/tags/list") else oci.Kind.REFERRERS
-            err = request.app[CTX].policy_failure(resp, target, kind)
-            raise err
-        body = await resp.read(oci.MAX_MANIFEST_BYTES)
-        headers = _common_headers(request, target, Outcome.MISS)
-        for name in _PASSED_HEADERS:
-            if name in resp.headers:
-                headers[name] = resp.headers[name]
-        if "Link" in headers:
-            headers["Link"] = _rewrite_link(request, target, headers["Link"])
-    finally:
-        resp.release()
+    kind = oci.Kind.TAGS if path.endswith("/tags/list") else oci.Kind.REFERRERS
+    body, passed = await request.app[CTX].policy.listing(
+        target, kind, path, query, request.headers.get("Accept", "application/json"), _PASSED_HEADERS)
+    headers = _common_headers(request, target, Outcome.MISS)
+    headers.update(passed)
+    if "Link" in headers:
+        headers["Link"] = _rewrite_link(request, target, headers["Link"])
     info(request).bytes = len(body)
     return web.Response(status=200, body=body, headers=headers)
 
@@ -445,7 +434,7 @@ async def handle_token(request: web.Request) -> web.StreamResponse:
         form = {k: str(v) for k, v in raw.items() if isinstance(v, str)}
         if "scope" in form:
             form["scope"] = " ".join(_translate_scope(ctx.router, client, s) for s in form["scope"].split(" "))
-    status, body = await client.relay_token(
+    status, body = await ctx.policy.relay_token(client, 
         request.method, {**query, **({"scope": " ".join(_translate_scope(ctx.router, client, s) for s in scopes)} if scopes else {})},
         form, request.headers.get("Authorization"))
     info(request).upstream = client.name
@@ -503,11 +492,6 @@ class EdgeContext:
         if n:
             self.metrics.served(source).inc(n)
 
-    def policy_failure(self, resp: Any, target: Target, kind: oci.Kind) -> errors.OCIError:
-        from .pullthrough import upstream_failure
-
-        return upstream_failure(resp, target, kind, "")
-
 
 CTX = web.AppKey("edge", EdgeContext)
 
@@ -521,6 +505,3 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/readyz", handle_readyz)
     app.router.add_get("/metrics", handle_metrics)
 
-
-def dump_json(obj: Any) -> str:
-    return orjson.dumps(obj).decode()

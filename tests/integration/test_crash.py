@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from edgecache.app import STATE
 from edgecache.metadata import Metadata
 from tests.conftest import RegistryFactory
-from tests.support.edge import EdgeProcess, make_config, start_edge
+from tests.support.edge import EdgeProcess, make_config, start_edge, write_config
 from tests.support.registry import RegistryProcess, free_port
 from tests.support.seed import push_blob
 from tests.support.tap import Tap
@@ -28,24 +28,6 @@ from tests.support.tap import Tap
 BLOBS = 20
 CLIENTS_PER_BLOB = 5
 PAUSE_AT = 256 << 10
-
-
-def write_config(tmp_path: Path, upstream: Tap, port: int, cache: Path) -> Path:
-    cfg = tmp_path / "edgecache.toml"
-    cfg.write_text(f"""
-version = 1
-[server]
-listen = "127.0.0.1:{port}"
-shutdown_timeout = "5s"
-[cache]
-dir = "{cache}"
-[upstreams.up]
-url = "{upstream.url}"
-namespaces = ["{upstream.host}"]
-prefix = "up"
-default = true
-""")
-    return cfg
 
 
 async def in_progress(http: aiohttp.ClientSession, url: str) -> float:
@@ -100,7 +82,7 @@ async def test_kill9_with_a_hundred_downloads_in_flight(registry_factory: Regist
     url = f"http://127.0.0.1:{port}"
     loop = asyncio.get_running_loop()
     async with Tap(registry.url) as tap:
-        cfg = write_config(tmp_path, tap, port, cache)
+        cfg = write_config(tmp_path, tap.url, port, cache=cache, shutdown_timeout="5s")
         first = EdgeProcess(cfg, tmp_path / "edge1.log")
         await loop.run_in_executor(None, first.start, url)
         pauses = {d: tap.pause_blob(d, PAUSE_AT) for d in blobs}

@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
 import gc
 import hashlib
-import ipaddress
 import logging
 import ssl
 import time
@@ -39,7 +37,7 @@ from aiohttp import web
 
 from edgecache.app import METRICS, STATE, TASKS
 from edgecache.oci import Digest
-from tests.support.edge import Edge, make_config, start_edge
+from tests.support.edge import Edge, make_config, self_signed_cert, start_edge
 from tests.support.registry import RegistryProcess
 from tests.support.tap import Tap
 
@@ -458,23 +456,9 @@ async def test_dns_failure_is_a_fast_503_naming_the_upstream(tmp_path: Path, cap
 
 
 def self_signed(tmp_path: Path) -> ssl.SSLContext:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(1).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-            .sign(key, hashes.SHA256()))
-    (tmp_path / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (tmp_path / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                         serialization.NoEncryption()))
+    cert_file, key_file = self_signed_cert(tmp_path)
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
+    ctx.load_cert_chain(cert_file, key_file)
     return ctx
 
 

@@ -17,7 +17,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from edgecache.app import STATE
-from tests.support.edge import EdgeFactory, EdgeProcess, run
+from tests.support.edge import EdgeFactory, EdgeProcess, run, self_signed_cert, write_config
 from tests.support.registry import RegistryProcess, free_port
 from tests.support.tap import Tap
 
@@ -82,28 +82,9 @@ async def test_readiness_follows_the_cache_dir(edge_factory: EdgeFactory, tap: T
             assert r.status == 200
 
 
-def write_config(tmp_path: Path, upstream: Tap, port: int, extra: str = "") -> Path:
-    cfg = tmp_path / "edgecache.toml"
-    cfg.write_text(f"""
-version = 1
-[server]
-listen = "127.0.0.1:{port}"
-shutdown_timeout = "20s"
-{extra}
-[cache]
-dir = "{tmp_path / 'cache'}"
-[upstreams.up]
-url = "{upstream.url}"
-namespaces = ["{upstream.host}"]
-prefix = "up"
-default = true
-""")
-    return cfg
-
-
 async def test_sigterm_lets_a_cold_download_finish(tmp_path: Path, tap: Tap, registry: RegistryProcess) -> None:
     port = free_port()
-    proc = EdgeProcess(write_config(tmp_path, tap, port, 'drain_delay = "1s"'), tmp_path / "edge.log")
+    proc = EdgeProcess(write_config(tmp_path, tap.url, port, 'drain_delay = "1s"'), tmp_path / "edge.log")
     url = f"http://127.0.0.1:{port}"
     loop = asyncio.get_running_loop()
     await loop.run_in_executor(None, proc.start, url)
@@ -217,28 +198,10 @@ async def test_client_basic_auth_and_cidr(edge_factory: EdgeFactory, tap: Tap, t
 
 
 async def test_tls_serving(tmp_path: Path, tap: Tap, registry: RegistryProcess) -> None:
-    import datetime
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    import ipaddress
-
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(1).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-            .sign(key, hashes.SHA256()))
-    (tmp_path / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (tmp_path / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                         serialization.NoEncryption()))
+    cert_file, key_file = self_signed_cert(tmp_path)
     port = free_port()
-    extra = f'tls_cert = "{tmp_path / "cert.pem"}"\ntls_key = "{tmp_path / "key.pem"}"'
-    proc = EdgeProcess(write_config(tmp_path, tap, port, extra), tmp_path / "edge.log")
+    extra = f'tls_cert = "{cert_file}"\ntls_key = "{key_file}"'
+    proc = EdgeProcess(write_config(tmp_path, tap.url, port, extra), tmp_path / "edge.log")
     url = f"https://127.0.0.1:{port}"
     ctx = ssl.create_default_context(cafile=str(tmp_path / "cert.pem"))
     loop = asyncio.get_running_loop()
@@ -273,7 +236,7 @@ async def test_tls_serving(tmp_path: Path, tap: Tap, registry: RegistryProcess) 
 async def test_slowloris_clients_are_cut_off(tmp_path: Path, tap: Tap) -> None:
     """Clients trickling a request head byte by byte are disconnected after header_timeout; others are served."""
     port = free_port()
-    proc = EdgeProcess(write_config(tmp_path, tap, port, 'header_timeout = "1s"'), tmp_path / "edge.log")
+    proc = EdgeProcess(write_config(tmp_path, tap.url, port, 'header_timeout = "1s"'), tmp_path / "edge.log")
     url = f"http://127.0.0.1:{port}"
     loop = asyncio.get_running_loop()
     await loop.run_in_executor(None, proc.start, url)
@@ -318,7 +281,7 @@ async def test_sighup_reloads_the_upstream_table(tmp_path: Path, tap: Tap, make_
                                                  registry: RegistryProcess) -> None:
     """SIGHUP swaps in a new upstream table without dropping the connection in use."""
     port = free_port()
-    cfg = write_config(tmp_path, tap, port)
+    cfg = write_config(tmp_path, tap.url, port)
     proc = EdgeProcess(cfg, tmp_path / "edge.log")
     url = f"http://127.0.0.1:{port}"
     loop = asyncio.get_running_loop()

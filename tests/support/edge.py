@@ -163,9 +163,50 @@ def wait_ready(url: str, deadline: float, proc: subprocess.Popen[bytes] | None =
     raise TimeoutError(f"edgecache at {url} not ready after {deadline}s")
 
 
-def write_config(path: Path, text: str) -> Path:
-    path.write_text(text)
-    return path
+def write_config(tmp_path: Path, upstream_url: str, port: int, extra: str = "", *, cache: Path | None = None,
+                 shutdown_timeout: str = "20s") -> Path:
+    """A config file for an :class:`EdgeProcess`: one default upstream, ``extra`` lines in [server]."""
+    host = upstream_url.split("://", 1)[1]
+    cfg = tmp_path / "edgecache.toml"
+    cfg.write_text(f"""
+version = 1
+[server]
+listen = "127.0.0.1:{port}"
+shutdown_timeout = "{shutdown_timeout}"
+{extra}
+[cache]
+dir = "{cache or tmp_path / 'cache'}"
+[upstreams.up]
+url = "{upstream_url}"
+namespaces = ["{host}"]
+prefix = "up"
+default = true
+""")
+    return cfg
+
+
+def self_signed_cert(tmp_path: Path) -> tuple[Path, Path]:
+    """A certificate and key for 127.0.0.1, written as cert.pem and key.pem."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(1).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+            .sign(key, hashes.SHA256()))
+    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_file, key_file
 
 
 async def run(*argv: str, timeout: float = 120.0, env: dict[str, str] | None = None) -> tuple[int, str]:

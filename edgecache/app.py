@@ -19,9 +19,9 @@ from . import routes
 from .collapse import Flights
 from .config import Config
 from .metadata import Metadata
-from .metrics import Metrics
+from .metrics import FLUSH_SECONDS, Metrics
 from .log import quiet_parse_errors
-from .middleware import PUBLIC_URL, Htpasswd, make_middlewares
+from .middleware import PUBLIC_URL, Htpasswd, make_edge
 from .oci import MANIFEST_TYPES, MAX_MANIFEST_BYTES, OCTET_STREAM, Digest
 from .policy import Blocklist, Scanner
 from .pullthrough import Evictor, PullThrough
@@ -71,16 +71,14 @@ def create_app(config: Config) -> web.Application:
     quiet_parse_errors()
     metrics = Metrics()
     htpasswd = Htpasswd(config.server.htpasswd) if config.server.htpasswd else None
-    app = web.Application(
-        middlewares=make_middlewares(metrics, config.server.allow_cidrs, htpasswd, config.server.access_log),
-        client_max_size=64 * 1024, handler_args={"max_field_size": 16384, "max_line_size": 16384})
+    app = web.Application(client_max_size=64 * 1024, handler_args={"max_field_size": 16384, "max_line_size": 16384})
     app[CONFIG] = config
     app[METRICS] = metrics
     app[TASKS] = TaskOwner()
     app[STATE] = AppState()
     app[PUBLIC_URL] = (config.server.public_url or "").rstrip("/")
     app.cleanup_ctx.append(_lifecycle)
-    routes.add_routes(app)
+    routes.add_routes(app, make_edge(metrics, config.server.allow_cidrs, htpasswd, config.server.access_log))
     return app
 
 
@@ -124,6 +122,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     for i, item in enumerate(config.replicate):
         tasks.spawn(replicator.run_forever(item), f"replicate:{i}")
     tasks.spawn(_flush_touches(metadata), "flush-touches")
+    tasks.spawn(_flush_metrics(metrics), "flush-metrics")
     tasks.spawn(evictor.evict(0), "evict-startup")
     log.info("edgecache ready: cache %s, %d upstreams", cache_dir, len(clients))
     try:
@@ -149,6 +148,17 @@ async def _close_cache(cache: BaseCache) -> None:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Call to deprecated close", DeprecationWarning)
         await cache.close()
+
+
+async def _flush_metrics(metrics: Metrics) -> None:
+    """Batched per-request figures reach prometheus (and, with workers, the shared files) within
+    ``FLUSH_SECONDS``; a scrape flushes the answering process at once."""
+    try:
+        while True:
+            await asyncio.sleep(FLUSH_SECONDS)
+            metrics.flush()
+    finally:
+        metrics.flush()
 
 
 async def _flush_touches(metadata: Metadata) -> None:

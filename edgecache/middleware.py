@@ -10,13 +10,12 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 import bcrypt
 from aiohttp import web
 
 from . import errors
-from .requestinfo import info
+from .requestinfo import INFO, RequestInfo, info
 from .log import access_log, request_id
 from .metrics import Metrics
 
@@ -70,77 +69,83 @@ class Htpasswd:
         return bcrypt.checkpw(password.encode(), hashed)
 
 
-def make_middlewares(metrics: Metrics, allow_cidrs: tuple[str, ...], htpasswd: Htpasswd | None,
-                     access_logging: bool) -> list[Callable[..., Awaitable[web.StreamResponse]]]:
+Wrap = Callable[[Handler, str, tuple[str, ...] | None], Handler]
+
+
+def make_edge(metrics: Metrics, allow_cidrs: tuple[str, ...], htpasswd: Htpasswd | None, access_logging: bool) -> Wrap:
+    """What every request goes through: client checks, OCI errors, request id, metrics, access log.
+
+    A wrapper put around each route's handler rather than an aiohttp middleware: the middleware chain
+    costs about as much per request as a whole cached-manifest answer (measured in loadtests/), and a
+    catch-all route sends unknown paths through the same wrapper, so nothing escapes it.
+    """
     networks = [ipaddress.ip_network(c, strict=False) for c in allow_cidrs]
     # Request ids: a random per-process prefix and a counter (os.urandom per request is slow on some VMs).
     prefix = uuid.uuid4().hex[:8]
-    label_cache: dict[tuple[str, str, int], tuple[Any, Any]] = {}
     counter = itertools.count(1)
     auth_cache: dict[str, bool] = {}
+    check = bool(networks) or htpasswd is not None
+    monotonic = time.monotonic
 
-    @web.middleware
-    async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
-        rid = request.headers.get("X-Request-Id", "")
-        rid = rid if rid.isalnum() and len(rid) <= 64 else f"{prefix}{next(counter):x}"
-        token = request_id.set(rid)
-        started = time.monotonic()
-        status = 500
-        metrics.in_progress.inc()
-        try:
+    def wrap(handler: Handler, route_label: str, methods: tuple[str, ...] | None) -> Handler:
+        async def edge(request: web.Request) -> web.StreamResponse:
+            # The hot path of every request: keep it to dict and attribute work (metrics are batched).
+            rid = request.headers.get("X-Request-Id", "")
+            if not (rid.isalnum() and len(rid) <= 64):
+                rid = f"{prefix}{next(counter):x}"
+            token = request_id.set(rid)
+            ri = request[INFO] = RequestInfo()
+            started = monotonic()
+            status = 500
+            metrics.active += 1
             try:
-                _check_client(request, networks, htpasswd, auth_cache)
-                resp = await handler(request)
-            except errors.OCIError as e:
-                info(request).error = e.code
-                resp = render_error(request, e)
-            except web.HTTPException as e:
-                if e.status >= 400:
-                    resp = render_error(request, _http_error(e))
-                else:
+                try:
+                    if check:
+                        _check_client(request, networks, htpasswd, auth_cache)
+                    if methods is not None and request.method not in methods:
+                        raise errors.Unsupported("method not allowed")
+                    resp = await handler(request)
+                except errors.OCIError as e:
+                    ri.error = e.code
+                    resp = render_error(request, e)
+                except web.HTTPException as e:
+                    if e.status >= 400:
+                        resp = render_error(request, _http_error(e))
+                    else:
+                        raise
+                except asyncio.CancelledError:
+                    status = 499  # client went away
                     raise
-            except asyncio.CancelledError:
-                status = 499  # client went away
-                raise
-            except Exception as e:  # a bug: still answer OCI JSON, log the traceback once
-                log.exception("unhandled error on %s %s", request.method, request.path[:200])
-                info(request).error = type(e).__name__
-                err = errors.OCIError("internal error")
-                resp = render_error(request, err)
-            status = resp.status
-            resp.headers["X-Request-Id"] = rid
-            if request.path.startswith("/v2") and "X-Cache" not in resp.headers:
-                resp.headers["X-Cache"] = info(request).cache or "MISS"
-            return resp
-        finally:
-            metrics.in_progress.dec()
-            seconds = time.monotonic() - started
-            ri = info(request)
-            api = ri.api
-            route = api.route if api is not None else _route_of(request)
-            key = (route, request.method, status)
-            children = label_cache.get(key)
-            if children is None:  # labels() costs a lock and a dict build per call: do it once per key
-                children = label_cache[key] = (metrics.requests.labels(route, request.method, str(status)),
-                                               metrics.request_seconds.labels(route))
-            children[0].inc()
-            children[1].observe(seconds)
-            outcome = ri.cache
-            if outcome is not None and api is not None and api.kind.value in ("manifest", "blob") and status < 400:
-                metrics.outcome(outcome).inc()
-            if access_logging:
-                _access(request, route, status, seconds)
-            request_id.reset(token)
+                except Exception as e:  # a bug: still answer OCI JSON, log the traceback once
+                    log.exception("unhandled error on %s %s", request.method, request.path[:200])
+                    ri.error = type(e).__name__
+                    resp = render_error(request, errors.OCIError("internal error"))
+                status = resp.status
+                headers = resp.headers
+                headers["X-Request-Id"] = rid
+                if "X-Cache" not in headers and request.path.startswith("/v2"):
+                    headers["X-Cache"] = ri.cache or "MISS"
+                return resp
+            finally:
+                metrics.active -= 1
+                seconds = monotonic() - started
+                api = ri.api
+                if api is not None:
+                    route = api.route
+                    outcome = ri.cache if status < 400 and api.kind.value in _CONTENT else None
+                else:
+                    route, outcome = route_label, None
+                metrics.request_done(route, request.method, status, seconds, outcome)
+                if access_logging:
+                    _access(request, ri, route, status, seconds)
+                request_id.reset(token)
 
-    return [edge]
+        return edge
+
+    return wrap
 
 
-def _route_of(request: web.Request) -> str:
-    info = request.match_info.route.resource
-    if info is None:
-        return "unmatched"
-    canonical = info.canonical
-    return canonical if not canonical.startswith("/v2") else "/v2/invalid"
+_CONTENT = frozenset(("manifest", "blob"))
 
 
 def _http_error(e: web.HTTPException) -> errors.OCIError:
@@ -179,18 +184,18 @@ def _check_client(request: web.Request, networks: list[ipaddress.IPv4Network | i
             raise errors.Unauthorized("mirror credentials required", headers={"WWW-Authenticate": 'Basic realm="edgecache"'})
 
 
-def _access(request: web.Request, route: str, status: int, seconds: float) -> None:
-    api = info(request).api
+def _access(request: web.Request, ri: RequestInfo, route: str, status: int, seconds: float) -> None:
+    api = ri.api
     access_log.info("", extra={"access": {
         "method": request.method,
         "route": route,
-        "repository": info(request).repository,
+        "repository": ri.repository,
         "reference": str(api.reference) if api is not None and api.reference is not None else None,
         "status": status,
-        "bytes": info(request).bytes,
+        "bytes": ri.bytes,
         "duration_ms": round(seconds * 1000, 3),
-        "cache": info(request).cache,
-        "upstream": info(request).upstream,
-        "error": info(request).error,
+        "cache": ri.cache,
+        "upstream": ri.upstream,
+        "error": ri.error,
         "remote": request.remote,
     }})

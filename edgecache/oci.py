@@ -9,10 +9,11 @@ raw path, and a digest is validated before it can become a file name.
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from . import errors
 
@@ -41,6 +42,10 @@ class Digest:
 
     algorithm: str
     hex: str
+    _text: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_text", f"{self.algorithm}:{self.hex}")  # str() is on every hot path
 
     @classmethod
     def parse(cls, text: str) -> Digest:
@@ -58,7 +63,7 @@ class Digest:
         return hashlib.new(self.algorithm)
 
     def __str__(self) -> str:
-        return f"{self.algorithm}:{self.hex}"
+        return self._text
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,23 +116,27 @@ class ApiPath:
     @property
     def route(self) -> str:
         """Low-cardinality route pattern for logs and metrics."""
-        return {
-            Kind.BASE: "/v2/",
-            Kind.MANIFEST: "/v2/{name}/manifests/{reference}",
-            Kind.BLOB: "/v2/{name}/blobs/{digest}",
-            Kind.TAGS: "/v2/{name}/tags/list",
-            Kind.REFERRERS: "/v2/{name}/referrers/{digest}",
-        }[self.kind]
+        return _ROUTES[self.kind]
 
 
+_ROUTES = {
+    Kind.BASE: "/v2/",
+    Kind.MANIFEST: "/v2/{name}/manifests/{reference}",
+    Kind.BLOB: "/v2/{name}/blobs/{digest}",
+    Kind.TAGS: "/v2/{name}/tags/list",
+    Kind.REFERRERS: "/v2/{name}/referrers/{digest}",
+}
 _SAFE_PATH = re.compile(r"[A-Za-z0-9._:/-]*")
 
 
+@functools.lru_cache(maxsize=4096)
 def parse_path(raw_path: str) -> ApiPath:
     """Parse the raw (undecoded) request path of a /v2/ request.
 
     Percent-encoding never appears in a valid name, tag or digest, so any ``%``
-    (and so any encoded slash or dot-dot) is refused before decoding.
+    (and so any encoded slash or dot-dot) is refused before decoding. The values are
+    frozen, so parses are memoised (the same few paths are asked for over and over);
+    refused paths raise and are not kept.
     """
     if raw_path in ("/v2", "/v2/"):
         return ApiPath(Kind.BASE)

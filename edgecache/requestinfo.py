@@ -23,7 +23,9 @@ INFO = web.RequestKey("edgecache_info", RequestInfo)
 
 
 def info(request: web.Request) -> RequestInfo:
-    found = request.get(INFO)
-    if found is None:
+    """The request's record (the edge middleware creates it first thing)."""
+    try:
+        return request[INFO]
+    except KeyError:
         found = request[INFO] = RequestInfo()
-    return found
+        return found

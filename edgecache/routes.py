@@ -11,7 +11,7 @@ import asyncio
 import fnmatch
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 from urllib.parse import urlencode
 
@@ -40,6 +40,20 @@ class Router:
         self.by_ns = {ns: c for c in clients.values() for ns in c.cfg.namespaces}
         self.by_prefix = {c.cfg.prefix: c for c in clients.values() if c.cfg.prefix}
         self.default = next((c for c in clients.values() if c.cfg.default), None)
+        self._memo: dict[tuple[str | None, str], tuple[UpstreamClient, str]] = {}
+
+    def resolve(self, ns: str | None, name: str) -> tuple[UpstreamClient, str]:
+        """:meth:`upstream_for` plus the allow/deny rules; answers that pass are memoised (a router is
+        rebuilt when the config is reloaded), refusals are decided afresh each time."""
+        key = (ns, name)
+        found = self._memo.get(key)
+        if found is None:
+            found = self.upstream_for(ns, name)
+            check_policy(*found)
+            if len(self._memo) >= 4096:
+                self._memo.clear()
+            self._memo[key] = found
+        return found
 
     def upstream_for(self, ns: str | None, name: str) -> tuple[UpstreamClient, str]:
         """The upstream and the repository name there; unknown keys dial nothing."""
@@ -72,10 +86,16 @@ class Router:
 
 
 def target_for(request: web.Request, router: Router, api: oci.ApiPath) -> Target:
-    client, repo = router.upstream_for(request.query.get("ns"), api.name)
-    info(request).upstream = client.name
-    info(request).repository = repo
-    check_policy(client, repo)
+    ns = request.query.get("ns") if request.query_string else None
+    ri = info(request)
+    try:
+        client, repo = router.resolve(ns, api.name)
+    except errors.Denied:
+        client, repo = router.upstream_for(ns, api.name)
+        ri.upstream, ri.repository = client.name, repo
+        raise
+    ri.upstream = client.name
+    ri.repository = repo
     credential = Credential.from_header(request.headers.get("Authorization"))
     return Target(client, repo, credential)
 
@@ -474,6 +494,7 @@ async def handle_readyz(request: web.Request) -> web.StreamResponse:
 async def handle_metrics(request: web.Request) -> web.StreamResponse:
     ctx = request.app[CTX]
     ctx.refresh_gauges()
+    ctx.metrics.flush()
     body = await asyncio.get_running_loop().run_in_executor(None, ctx.metrics.render)
     return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
@@ -490,18 +511,35 @@ class EdgeContext:
 
     def count_bytes(self, source: str, n: int) -> None:
         if n:
-            self.metrics.served(source).inc(n)
+            self.metrics.served(source, n)
 
 
 CTX = web.AppKey("edge", EdgeContext)
 
 
-def add_routes(app: web.Application) -> None:
-    app.router.add_route("*", "/v2", handle_v2)
-    app.router.add_route("*", "/v2/{tail:.*}", handle_v2)
-    app.router.add_route("GET", "/_edgecache/token/{upstream}", handle_token)
-    app.router.add_route("POST", "/_edgecache/token/{upstream}", handle_token)
-    app.router.add_get("/healthz", handle_healthz)
-    app.router.add_get("/readyz", handle_readyz)
-    app.router.add_get("/metrics", handle_metrics)
+async def handle_unmatched(request: web.Request) -> web.StreamResponse:
+    raise errors.NotFound("not found")
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Wrap = Callable[[Handler, str, "tuple[str, ...] | None"], Handler]
+
+_READ = ("GET", "HEAD")
+
+
+def add_routes(app: web.Application, wrap: Wrap) -> None:
+    """Every path, known or not, goes through ``wrap`` (the edge: errors, metrics, access log).
+
+    Routes take every method and the wrapper refuses the others, so a wrong method is an OCI 405,
+    and the catch-all route makes an unknown path an OCI 404 labelled ``unmatched``.
+    """
+    v2 = wrap(handle_v2, "/v2/invalid", None)  # methods: handle_v2 answers the pull API's own error
+    app.router.add_route("*", "/v2", v2)
+    app.router.add_route("*", "/v2/{tail:.*}", v2)
+    app.router.add_route("*", "/_edgecache/token/{upstream}",
+                         wrap(handle_token, "/_edgecache/token/{upstream}", ("GET", "POST")))
+    app.router.add_route("*", "/healthz", wrap(handle_healthz, "/healthz", _READ))
+    app.router.add_route("*", "/readyz", wrap(handle_readyz, "/readyz", _READ))
+    app.router.add_route("*", "/metrics", wrap(handle_metrics, "/metrics", _READ))
+    app.router.add_route("*", "/{tail:.*}", wrap(handle_unmatched, "unmatched", None))
 

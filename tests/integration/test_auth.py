@@ -15,6 +15,7 @@ import aiohttp
 import orjson
 import pytest
 
+from edgecache.app import METRICS
 from tests.support.edge import Edge, EdgeFactory
 from tests.support.registry import RegistryProcess
 from tests.support.seed import parse_bearer_challenge
@@ -198,7 +199,9 @@ async def test_logs_never_contain_credentials(auth_edge: tuple[Edge, Tap], token
     assert "edgecache.access" in text  # the access log was captured
     for secret in secrets:
         assert secret not in text
-    metrics = edge.app[__import__("edgecache.app", fromlist=["METRICS"]).METRICS].render().decode()
+    edge_metrics = edge.app[METRICS]
+    edge_metrics.flush()
+    metrics = edge_metrics.render().decode()
     for secret in secrets:
         assert secret not in metrics
 

@@ -42,7 +42,7 @@ from tests.support.registry import RegistryProcess
 from tests.support.tap import Tap
 
 ACCEPT = {"Accept": "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json"}
-STARTUP_TASKS = ["flush-touches"]  # what edgecache's TaskOwner holds when idle
+STARTUP_TASKS = ["flush-metrics", "flush-touches"]  # what edgecache's TaskOwner holds when idle
 
 
 # -- leak accounting ----------------------------------------------------------------------------------------
@@ -114,14 +114,14 @@ async def assert_edge_settled(edge: Edge, timeout: float = 10.0) -> None:
         names = sorted(t.get_name() for t in tasks.pending())
         return (names == STARTUP_TASKS and len(tasks) == len(STARTUP_TASKS) and len(state.flights) == 0  # type: ignore[arg-type]
                 and not any(state.store.tmp.iterdir())  # type: ignore[union-attr]
-                and metrics.in_progress._value.get() == 0  # noqa: SLF001
+                and metrics.active == 0
                 and metrics.flights._value.get() == 0  # noqa: SLF001
                 and state.policy is not None and not state.policy._starting)  # noqa: SLF001 - per-digest start locks must not pile up
 
     def describe() -> str:
         return (f"tasks {sorted(t.get_name() for t in tasks.pending())}, flights {len(state.flights or [])}, "
                 f"tmp {sorted(p.name for p in state.store.tmp.iterdir())}, "  # type: ignore[union-attr]
-                f"in_progress {metrics.in_progress._value.get()}, flights gauge {metrics.flights._value.get()}, "  # noqa: SLF001
+                f"in_progress {metrics.active}, flights gauge {metrics.flights._value.get()}, "  # noqa: SLF001
                 f"start locks {list(state.policy._starting)}")  # type: ignore[union-attr]  # noqa: SLF001
 
     await poll(ok, timeout, describe)

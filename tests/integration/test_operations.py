@@ -56,6 +56,12 @@ async def test_metrics_count_exactly(edge_factory: EdgeFactory, tap: Tap, regist
     assert sample(text, "edgecache_served_bytes_total", source="upstream") == index_len + blob_len
     assert sample(text, "edgecache_requests_total", route="/v2/{name}/manifests/{reference}", status="200") == 2
     assert sample(text, "edgecache_requests_total", route="/v2/{name}/manifests/{reference}", status="404") == 1
+    # the latency histogram (applied in batches) counts every request once, in a bucket and in +Inf
+    man = "/v2/{name}/manifests/{reference}"
+    assert sample(text, "edgecache_request_duration_seconds_count", route=man) == 3
+    assert sample(text, "edgecache_request_duration_seconds_bucket", route=man, le="+Inf") == 3
+    assert 0 < sample(text, "edgecache_request_duration_seconds_sum", route=man) < 30
+    assert sample(text, "edgecache_requests_in_progress") == 1  # the scrape itself
     assert sample(text, "edgecache_upstream_requests_total", upstream="up", method="GET") == tap.count("GET")
     assert sample(text, "edgecache_upstream_bytes_total", upstream="up") == blob_len
     assert sample(text, "edgecache_flights_in_progress") == 0

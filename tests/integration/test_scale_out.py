@@ -42,7 +42,8 @@ REDIS_BIN = "/usr/bin/redis-server"
 
 # -- helpers ---------------------------------------------------------------------------------------------------
 def hit_count(edge: Edge, outcome: str = "hit") -> float:
-    """``edgecache_cache_outcomes_total{outcome=...}`` of an in-process instance."""
+    """``edgecache_cache_outcomes_total{outcome=...}`` of an in-process instance (as a scrape sees it)."""
+    edge.app[METRICS].flush()
     value = edge.app[METRICS].registry.get_sample_value("edgecache_cache_outcomes_total", {"outcome": outcome})
     return value or 0.0
 
@@ -58,6 +59,7 @@ def upstream_request_count(edge: Edge) -> float:
 
 def token_requests(edge: Edge, status: str) -> float:
     """Requests answered by an instance's own token endpoint (passthrough relay) with ``status``."""
+    edge.app[METRICS].flush()
     value = edge.app[METRICS].registry.get_sample_value(
         "edgecache_requests_total", {"route": "/_edgecache/token/{upstream}", "method": "GET", "status": status})
     return value or 0.0

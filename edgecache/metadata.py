@@ -145,17 +145,38 @@ class Metadata:
             if old is None:
                 self.meta.incr("total_bytes", entry.size)
 
-    async def drop_entry(self, digest: str) -> None:
+    async def drop_entry(self, digest: str, only_if: Callable[[Entry | None], bool] | None = None) -> bool:
+        """Forget an entry; True if it was dropped.
+
+        ``only_if`` is called with the stored entry inside the index transaction (in the index
+        thread: it may touch the disk): another worker may have evicted the digest and committed it
+        again since the caller looked, and its new entry and file must survive.
+        """
+        if only_if is None:
+            self._forget(digest)
+        try:
+            dropped = await self._run(self._drop_entry, digest, only_if)
+        except (sqlite3.OperationalError, diskcache.Timeout) as e:
+            log.warning("index write skipped: %s", e)
+            dropped = True  # disk full: remembered in memory, so the file still goes and frees its space
+        if dropped:
+            self._forget(digest)
+        return dropped
+
+    def _forget(self, digest: str) -> None:
         self._front.pop(digest, None)
         self._touched.pop(digest, None)
         self._dropped.add(digest)
-        await self._write(self._drop_entry, digest)
 
-    def _drop_entry(self, digest: str) -> None:
+    def _drop_entry(self, digest: str, only_if: Callable[[Entry | None], bool] | None) -> bool:
         with self.entries.transact():
-            old = self.entries.pop(digest, None)
+            old = self.entries.get(digest)
+            if only_if is not None and not only_if(Entry(**old) if old is not None else None):
+                return False
             if old is not None:
+                self.entries.pop(digest, None)
                 self.meta.decr("total_bytes", old["size"])
+            return True
 
     def forget_front(self, digest: str) -> None:
         self._front.pop(digest, None)

@@ -27,7 +27,7 @@ from aiocache import BaseCache
 from . import errors, oci
 from .collapse import Flight, Flights, RemoteFlight, SingleFlight, Source, State
 from .config import UpstreamConfig
-from .metadata import Metadata, TagEntry
+from .metadata import Entry, Metadata, TagEntry
 from .metrics import Metrics
 from .oci import Digest
 from .policy import Blocklist, Scanner
@@ -400,13 +400,13 @@ class PullThrough:
         self.blocklist.check(key)
         entry = await self.metadata.get_entry(key)
         if entry is not None:
-            path = self.store.path(digest)
             try:
                 await self.authorize_cached(target, oci.Kind.BLOB, key)
             except errors.UpstreamUnavailable:
                 await self.authorize_cached_offline(target, key)
-            self.metadata.touch(key)
-            return BlobResult(key, entry.size, oci.OCTET_STREAM, Outcome.HIT, path=path)
+            if await self._still_on_disk(digest):  # checked last: as close to the send as we can get
+                self.metadata.touch(key)
+                return BlobResult(key, entry.size, oci.OCTET_STREAM, Outcome.HIT, path=self.store.path(digest))
         if head:
             return await self._head_blob(target, digest)
         if self.flights.spilled(key):  # disk full: this download cannot be joined from byte 0
@@ -428,6 +428,19 @@ class PullThrough:
             del self._starting[key]
             claim.set_result(None)
         return await self._as_result(decided, digest)
+
+    async def _still_on_disk(self, digest: Digest) -> bool:
+        """Is a hit's file still there? Another worker's eviction (or ``edgecache purge``) unlinks files
+        this process's in-memory entries still list; such a hit is a miss (fetch again), never a 404.
+        One stat per hit: the sender opens the file by path after this, so only a race of microseconds
+        with an eviction is left (and an open file survives its unlink)."""
+        if await self._run(self.store.size, digest) is not None:
+            return True
+        path = self.store.path(digest)
+        if await self.metadata.drop_entry(str(digest), only_if=lambda _stored: not path.exists()):
+            log.info("%s was cached but its file is gone (evicted by another process): fetching it again", digest)
+            return False
+        return True  # committed again meanwhile (another worker fetched it)
 
     async def _committed_hit(self, target: Target, digest: Digest, size: int) -> BlobResult:
         """The verified file is there (another worker committed it): a hit, without re-entering blob()
@@ -889,17 +902,22 @@ class Evictor:
             for digest, entry in await self.metadata.lru():
                 if freed >= nbytes:
                     break
-                freed += await self._evict_one(digest, entry.size)
+                freed += await self._evict_one(digest, entry)
             return freed
 
-    async def _evict_one(self, digest: str, size: int) -> int:
+    async def _evict_one(self, digest: str, listed: Entry) -> int:
         """Forget an entry, then unlink its file (an open reader keeps its inode); index writes that fail
-        on a full disk are remembered in memory, so the file still goes and frees its space."""
-        await self.metadata.drop_entry(digest)
+        on a full disk are remembered in memory, so the file still goes and frees its space.
+
+        Only the entry as listed goes: since the listing, another worker may have used it (then it is
+        not least recently used any more) or evicted it and committed the digest again (then the file
+        is that worker's fresh copy, possibly being served)."""
+        if not await self.metadata.drop_entry(digest, only_if=lambda stored: stored == listed):
+            return 0
         await asyncio.get_running_loop().run_in_executor(None, self.store.remove, Digest.parse(digest))
         self.metrics.evictions.inc()
-        self.metrics.evicted_bytes.inc(size)
-        return size
+        self.metrics.evicted_bytes.inc(listed.size)
+        return listed.size
 
     async def make_room(self, incoming: int) -> None:
         """Before a fill: evict so that usage plus the new blob stays under the budget."""
@@ -916,7 +934,7 @@ class Evictor:
             for digest, entry in await self.metadata.lru():
                 if total - freed <= target:
                     break
-                freed += await self._evict_one(digest, entry.size)
+                freed += await self._evict_one(digest, entry)
             self.metrics.cache_bytes.set(total - freed)
             if freed:
                 log.info("evicted %d bytes (usage %d, budget %d)", freed, total - freed, self.max_size)

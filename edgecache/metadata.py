@@ -7,7 +7,7 @@ Records, keyed by strings built from validated values:
   that repository (a blob is only served under a repository it belongs to);
 * visibility: ``v|<upstream>|<repo>`` → ``public`` | ``private`` (DESIGN §4);
 * tags: ``t|<upstream>|<repo>|<tag>|<accept>`` → :class:`TagEntry`;
-* negative: ``n|<upstream>|<repo>|<ref>`` → expiry time of a remembered 404.
+* negative: ``n|<upstream>|<repo>|<ref>|<credential key>`` → expiry time of a remembered 404.
 
 diskcache is SQLite underneath and safe across worker processes. Every call
 here blocks; the async :class:`Metadata` facade runs them on a private executor

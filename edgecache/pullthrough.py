@@ -264,7 +264,10 @@ class PullThrough:
     async def _fetch_manifest(self, target: Target, ref: str, accept: str, expect: Digest | None) -> ManifestResult:
         """GET a manifest upstream, verify it, store it; raises the mapped OCI error otherwise."""
         path = f"/v2/{target.repo}/manifests/{ref}"
-        neg_key = f"{target.upstream.name}|{target.repo}|{ref}"
+        # Per credential: registries answer 404 to callers who may not see a private repository
+        # (ghcr.io, Docker Hub), and that answer must not reach a caller the upstream lets in.
+        cred = target.upstream.effective_credential(target.credential)
+        neg_key = f"{target.upstream.name}|{target.repo}|{ref}|{cred.key}"
         if await self.metadata.get_negative(neg_key):
             raise errors.ManifestUnknown("manifest unknown (cached upstream 404)",
                                          detail={"upstream": target.upstream.name, "reference": ref})

@@ -258,3 +258,25 @@ async def test_upstream_down_never_serves_another_upstreams_private_blob(
         hub.set_down()
         status, body, _ = await DockerClient(http).get(f"{edge.url}/v2/library/x/blobs/{private.layer_digests[0]}")
         assert status != 200 and private.blobs[private.layer_digests[0]] not in body
+
+
+@pytest.mark.parametrize("by", ["tag", "digest"])
+async def test_a_404_shown_to_an_anonymous_caller_is_not_replayed_to_an_authorised_one(
+        auth_edge: tuple[Edge, Tap], token_registry: RegistryProcess, by: str) -> None:
+    """ghcr.io and Docker Hub answer 404 for a private repository to callers without access: that
+    answer is remembered for those callers only, never handed to a credential the upstream lets in."""
+    edge, tap = auth_edge
+    img = token_registry.seeded.private
+    ref = "v1" if by == "tag" else img.digest
+    url = f"{edge.url}/v2/{img.repo}/manifests/{ref}"
+    hidden = orjson.dumps({"errors": [{"code": "MANIFEST_UNKNOWN", "message": "manifest unknown"}]})
+    tap.status_next("manifest", 404, methods=("GET",), body=hidden)  # the upstream hides it from anonymous
+    async with aiohttp.ClientSession() as http:
+        for _ in range(2):  # the second anonymous ask is answered from the negative cache
+            async with http.get(url, headers=ACCEPT) as r:
+                assert r.status == 404 and (await r.json())["errors"][0]["code"] == "MANIFEST_UNKNOWN"
+        assert tap.count("GET", "manifest") == 1
+        alice = {"Authorization": "Basic " + base64.b64encode(b"alice:alicepw").decode(), **ACCEPT}
+        async with http.get(url, headers=alice) as r:
+            assert r.status == 200 and await r.read() == img.manifest
+    assert tap.count("GET", "manifest", status=200) >= 1  # alice's answer came from upstream

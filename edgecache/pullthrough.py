@@ -91,7 +91,7 @@ class BlobResult:
 
 def unauthorized(target: Target, message: str = "authentication required") -> errors.OCIError:
     err = errors.Unauthorized(message, detail={"upstream": target.upstream.name, "repository": target.repo})
-    err.challenge = (target.upstream.name, target.scope)  # type: ignore[attr-defined]
+    err.challenge = target.upstream.name  # type: ignore[attr-defined]  # the edge words it for the client
     return err
 
 

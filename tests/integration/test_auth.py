@@ -280,3 +280,26 @@ async def test_a_404_shown_to_an_anonymous_caller_is_not_replayed_to_an_authoris
         async with http.get(url, headers=alice) as r:
             assert r.status == 200 and await r.read() == img.manifest
     assert tap.count("GET", "manifest", status=200) >= 1  # alice's answer came from upstream
+
+
+async def test_token_relay_names_the_right_repository_when_its_first_segment_is_the_prefix(
+        edge_factory: EdgeFactory, make_tap: object, token_registry: RegistryProcess,
+        token_server: TokenServer) -> None:
+    """An upstream whose prefix is ``private`` serves repository ``private/app``: as
+    ``/v2/private/private/app`` (prefix routing) and as ``/v2/private/app?ns=`` (containerd). The
+    token relay must ask for ``private/app`` both times (the prefix is stripped exactly once)."""
+    tap = await make_tap(token_registry.url)  # type: ignore[operator]
+    edge = await edge_factory(tap.url, name="private", auth="passthrough",
+                              token_realm_hosts=[realm_host(token_server)])
+    img = token_registry.seeded.private
+    assert img.repo == "private/app"
+    for name, query in (("private/private/app", ""), ("private/app", f"?ns={tap.host}")):
+        token_server.clear()
+        async with aiohttp.ClientSession() as http:
+            alice = DockerClient(http, "alice", "alicepw")
+            status, body, _ = await alice.get(f"{edge.url}/v2/{name}/manifests/v1{query}", headers=ACCEPT)
+            assert status == 200 and body == img.manifest, (name, status, body[:200])
+            status, blob, _ = await alice.get(f"{edge.url}/v2/{name}/blobs/{img.layer_digests[0]}{query}")
+            assert status == 200 and blob == img.blobs[img.layer_digests[0]]
+        relayed = {s for r in token_server.requests if r.username == "alice" for s in r.scope}
+        assert relayed == {"repository:private/app:pull"}, (name, relayed)

@@ -5,7 +5,7 @@ Records, keyed by strings built from validated values:
 * entries: ``<digest>`` → :class:`Entry` (size, media type, last access);
 * links: ``l|<upstream>|<repo>|<digest>``: the upstream showed this digest in
   that repository (a blob is only served under a repository it belongs to);
-* visibility: ``v|<upstream>|<repo>`` → ``public`` | ``private`` (DESIGN §4);
+* visibility: ``v|<upstream>|<repo>`` → ``public`` | ``private`` and when that answer expires (DESIGN §4);
 * tags: ``t|<upstream>|<repo>|<tag>|<accept>`` → :class:`TagEntry`;
 * negative: ``n|<upstream>|<repo>|<ref>|<credential key>`` → expiry time of a remembered 404.
 
@@ -260,12 +260,18 @@ class Metadata:
             self._links.add(key)
             await self._write(self.meta.set, key, True)
 
-    async def visibility(self, upstream: str, repo: str) -> str | None:
+    async def visibility(self, upstream: str, repo: str, stale_ok: float = 0.0) -> str | None:
+        """``public`` or ``private`` while the upstream's answer is fresh (``stale_ok`` seconds past
+        that: the upstream is down), else None: ask it again. A record of the old shape (a bare
+        string, kept forever) counts as expired."""
         value = await self._run(self.meta.get, f"v|{upstream}|{repo}")
-        return value if isinstance(value, str) else None
+        if not isinstance(value, dict) or not isinstance(value.get("expires"), float):
+            return None
+        fresh = value["expires"] + stale_ok > self._clock()
+        return str(value["value"]) if fresh else None
 
-    async def set_visibility(self, upstream: str, repo: str, value: str) -> None:
-        await self._write(self.meta.set, f"v|{upstream}|{repo}", value)
+    async def set_visibility(self, upstream: str, repo: str, value: str, ttl: float) -> None:
+        await self._write(self.meta.set, f"v|{upstream}|{repo}", {"value": value, "expires": self._clock() + ttl})
 
     # tags and negative answers ----------------------------------------------------
     async def get_tag(self, key: str, cached: bool = True) -> TagEntry | None:

@@ -143,16 +143,18 @@ class PullThrough:
         if target.cfg.auth != "passthrough":
             return
         cred = target.upstream.effective_credential(target.credential)
-        await self.access.set(f"{up}|{repo}|{cred.key}", True, ttl=int(target.cfg.access_ttl))
+        if target.cfg.access_ttl > 0:  # as a float: aiocache keeps a ttl of 0 (int("500ms")) forever
+            await self.access.set(f"{up}|{repo}|{cred.key}", True, ttl=target.cfg.access_ttl)
         known = await self.metadata.visibility(up, repo)
         if cred.anonymous:
             if known != "public":
-                await self.metadata.set_visibility(up, repo, "public")
+                await self.metadata.set_visibility(up, repo, "public", target.cfg.visibility_ttl)
             return
-        if known is None:
+        if known is None:  # never asked, or the answer expired: repositories change visibility
             public = await self._probes.do(f"{up}|{repo}", lambda: self._probe_public(target, path))
             if public is not None:  # an erring probe (429, 5xx, timeout) decides nothing
-                await self.metadata.set_visibility(up, repo, "public" if public else "private")
+                await self.metadata.set_visibility(up, repo, "public" if public else "private",
+                                                   target.cfg.visibility_ttl)
 
     async def _probe_public(self, target: Target, path: str) -> bool | None:
         """Would an anonymous client be let in? One HEAD per repository, remembered; None: no answer."""
@@ -189,6 +191,9 @@ class PullThrough:
                                              headers=headers)
         resp.release()
         if resp.status != 200:
+            if resp.status in (401, 403) and target.cfg.auth == "passthrough" and target.credential.anonymous:
+                # Not (or no longer) public: the next anonymous callers are refused without asking.
+                await self.metadata.set_visibility(up, repo, "private", target.cfg.visibility_ttl)
             raise upstream_failure(resp, target, kind, digest)
         await self.metadata.add_link(up, repo, digest)
         await self._remember_access(target, path)
@@ -391,7 +396,8 @@ class PullThrough:
                                              detail={"upstream": up})
         if target.cfg.auth != "passthrough":
             return
-        if await self.metadata.visibility(up, repo) == "public":
+        # Upstream down: the last "public" answer holds a while longer, as stale tags do (max_stale).
+        if await self.metadata.visibility(up, repo, stale_ok=target.cfg.max_stale) == "public":
             return
         cred = target.upstream.effective_credential(target.credential)
         if not await self.access.get(f"{up}|{repo}|{cred.key}"):

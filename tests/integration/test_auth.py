@@ -7,9 +7,12 @@ token endpoint in passthrough mode), retry with the Bearer token.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import logging
+import time
+import uuid
 
 import aiohttp
 import orjson
@@ -17,7 +20,7 @@ import pytest
 
 from tests.support.edge import Edge, EdgeFactory
 from tests.support.registry import RegistryProcess
-from tests.support.seed import parse_bearer_challenge
+from tests.support.seed import parse_bearer_challenge, push_image, token_for_user
 from tests.support.tap import Tap
 from tests.support.token_server import TokenServer
 
@@ -303,3 +306,41 @@ async def test_token_relay_names_the_right_repository_when_its_first_segment_is_
             assert status == 200 and blob == img.blobs[img.layer_digests[0]]
         relayed = {s for r in token_server.requests if r.username == "alice" for s in r.scope}
         assert relayed == {"repository:private/app:pull"}, (name, relayed)
+
+
+async def test_a_public_repository_made_private_stops_being_served_anonymously(
+        edge_factory: EdgeFactory, make_tap: object, token_registry: RegistryProcess, token_server: TokenServer,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Public is an upstream answer that expires (visibility_ttl), not a fact forever: after that, an
+    anonymous request is checked upstream again before cached content goes out."""
+    repo = f"public/flip-{uuid.uuid4().hex[:8]}"
+    async with aiohttp.ClientSession() as s:
+        img = await push_image(s, token_registry.url, repo, "v1", salt=repo,
+                               headers=await token_for_user(token_registry.url, "alice", "alicepw")(repo))
+    # Registries check a token's claims, not a revocation list: revocation reaches them as tokens expire.
+    monkeypatch.setattr(token_server, "expires_in", 6)  # edgecache keeps such a token for 1 s
+    tap = await make_tap(token_registry.url)  # type: ignore[operator]
+    edge = await edge_factory(tap.url, auth="passthrough", token_realm_hosts=[realm_host(token_server)],
+                              visibility_ttl="200ms", access_ttl="200ms")
+    paths = [f"/v2/{repo}/manifests/v1", f"/v2/{repo}/manifests/{img.digest}"] + [
+        f"/v2/{repo}/blobs/{d}" for d in (img.config_digest, *img.layer_digests)]
+    async with aiohttp.ClientSession() as http:
+        assert set((await pull_image(DockerClient(http), edge, repo, "v1")).values()) == {200}  # anonymously
+        monkeypatch.setattr(token_server, "anonymous_denied", frozenset({repo}))  # the repository goes private
+        deadline = time.monotonic() + 15
+        while True:  # the cached token expires after 1 s, the visibility and access records after 0.2 s
+            async with http.get(edge.url + paths[-1]) as r:
+                if r.status in (401, 403):
+                    break
+                assert r.status == 200 and time.monotonic() < deadline, "still served anonymously"
+            await asyncio.sleep(0.1)
+        for path in paths:
+            for method in ("GET", "HEAD"):
+                async with http.request(method, edge.url + path, headers=ACCEPT) as r:
+                    body = await r.read()
+                    assert r.status in (401, 403), (method, path, r.status)
+                    assert img.manifest not in body and not any(b in body for b in img.blobs.values())
+        tap.reset()
+        statuses = await pull_image(DockerClient(http, "alice", "alicepw"), edge, repo, "v1")
+    assert set(statuses.values()) == {200}
+    assert tap.count("GET", "blob") == 0  # alice is served from the cache

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import diskcache
 import pytest
 
 from edgecache.metadata import Entry, Metadata, TagEntry
@@ -91,6 +92,24 @@ async def test_index_tags_links_negative(tmp_path: Path) -> None:
     finally:
         await md.close()
 
+
+
+async def test_visibility_expires_and_can_be_read_stale(tmp_path: Path) -> None:
+    clock = Clock()
+    md = Metadata(tmp_path / "index", clock)
+    await md.open()
+    try:
+        assert await md.visibility("up", "r") is None
+        await md.set_visibility("up", "r", "public", 300)
+        assert await md.visibility("up", "r") == "public"
+        clock.now += 301
+        assert await md.visibility("up", "r") is None  # ask the upstream again
+        assert await md.visibility("up", "r", stale_ok=3600) == "public"  # unless it is down
+        with diskcache.Cache(str(tmp_path / "index" / "meta")) as older_version:
+            older_version.set("v|up|old", "public")  # the shape it kept forever
+        assert await md.visibility("up", "old", stale_ok=3600) is None
+    finally:
+        await md.close()
 
 async def test_lru_eviction_respects_budget_and_access_order(tmp_path: Path) -> None:
     clock = Clock()

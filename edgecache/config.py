@@ -90,6 +90,7 @@ class UpstreamConfig:
     library_prefix: bool = False  # Docker Hub: one-segment names get "library/"
     token_realm_hosts: tuple[str, ...] = ()  # extra hosts whose http:// realms may be followed
     access_ttl: float = 60.0  # how long a confirmed private-repo credential is trusted
+    visibility_ttl: float = 300.0  # how long a repository's public/private answer is trusted (passthrough)
     allow: tuple[str, ...] = ()  # repository globs that may be pulled (empty: all)
     deny: tuple[str, ...] = ()  # repository globs that may not be pulled
     pinned_tags: tuple[str, ...] = ()  # "repo:tag" globs whose first digest is kept
@@ -232,7 +233,7 @@ def _cache(t: Mapping[str, Any]) -> CacheConfig:
 
 
 _UP_DURATIONS = {"tag_ttl", "max_stale", "negative_ttl", "connect_timeout", "read_timeout", "access_ttl",
-                 "scanner_ttl", "scanner_timeout"}
+                 "visibility_ttl", "scanner_ttl", "scanner_timeout"}
 _UP_LISTS = {"namespaces", "token_realm_hosts", "allow", "deny", "pinned_tags"}
 
 

@@ -5,9 +5,9 @@ Records, keyed by strings built from validated values:
 * entries: ``<digest>`` → :class:`Entry` (size, media type, last access);
 * links: ``l|<upstream>|<repo>|<digest>``: the upstream showed this digest in
   that repository (a blob is only served under a repository it belongs to);
-* visibility: ``v|<upstream>|<repo>`` → ``public`` | ``private`` (DESIGN §4);
+* visibility: ``v|<upstream>|<repo>`` → ``public`` | ``private`` and when that answer expires (DESIGN §4);
 * tags: ``t|<upstream>|<repo>|<tag>|<accept>`` → :class:`TagEntry`;
-* negative: ``n|<upstream>|<repo>|<ref>`` → expiry time of a remembered 404.
+* negative: ``n|<upstream>|<repo>|<ref>|<credential key>`` → expiry time of a remembered 404.
 
 diskcache is SQLite underneath and safe across worker processes. Every call
 here blocks; the async :class:`Metadata` facade runs them on a private executor
@@ -145,17 +145,38 @@ class Metadata:
             if old is None:
                 self.meta.incr("total_bytes", entry.size)
 
-    async def drop_entry(self, digest: str) -> None:
+    async def drop_entry(self, digest: str, only_if: Callable[[Entry | None], bool] | None = None) -> bool:
+        """Forget an entry; True if it was dropped.
+
+        ``only_if`` is called with the stored entry inside the index transaction (in the index
+        thread: it may touch the disk): another worker may have evicted the digest and committed it
+        again since the caller looked, and its new entry and file must survive.
+        """
+        if only_if is None:
+            self._forget(digest)
+        try:
+            dropped = await self._run(self._drop_entry, digest, only_if)
+        except (sqlite3.OperationalError, diskcache.Timeout) as e:
+            log.warning("index write skipped: %s", e)
+            dropped = True  # disk full: remembered in memory, so the file still goes and frees its space
+        if dropped:
+            self._forget(digest)
+        return dropped
+
+    def _forget(self, digest: str) -> None:
         self._front.pop(digest, None)
         self._touched.pop(digest, None)
         self._dropped.add(digest)
-        await self._write(self._drop_entry, digest)
 
-    def _drop_entry(self, digest: str) -> None:
+    def _drop_entry(self, digest: str, only_if: Callable[[Entry | None], bool] | None) -> bool:
         with self.entries.transact():
-            old = self.entries.pop(digest, None)
+            old = self.entries.get(digest)
+            if only_if is not None and not only_if(Entry(**old) if old is not None else None):
+                return False
             if old is not None:
+                self.entries.pop(digest, None)
                 self.meta.decr("total_bytes", old["size"])
+            return True
 
     def forget_front(self, digest: str) -> None:
         self._front.pop(digest, None)
@@ -239,12 +260,18 @@ class Metadata:
             self._links.add(key)
             await self._write(self.meta.set, key, True)
 
-    async def visibility(self, upstream: str, repo: str) -> str | None:
+    async def visibility(self, upstream: str, repo: str, stale_ok: float = 0.0) -> str | None:
+        """``public`` or ``private`` while the upstream's answer is fresh (``stale_ok`` seconds past
+        that: the upstream is down), else None: ask it again. A record of the old shape (a bare
+        string, kept forever) counts as expired."""
         value = await self._run(self.meta.get, f"v|{upstream}|{repo}")
-        return value if isinstance(value, str) else None
+        if not isinstance(value, dict) or not isinstance(value.get("expires"), float):
+            return None
+        fresh = value["expires"] + stale_ok > self._clock()
+        return str(value["value"]) if fresh else None
 
-    async def set_visibility(self, upstream: str, repo: str, value: str) -> None:
-        await self._write(self.meta.set, f"v|{upstream}|{repo}", value)
+    async def set_visibility(self, upstream: str, repo: str, value: str, ttl: float) -> None:
+        await self._write(self.meta.set, f"v|{upstream}|{repo}", {"value": value, "expires": self._clock() + ttl})
 
     # tags and negative answers ----------------------------------------------------
     async def get_tag(self, key: str, cached: bool = True) -> TagEntry | None:

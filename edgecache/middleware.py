@@ -26,14 +26,9 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 def render_error(request: web.Request, err: errors.OCIError) -> web.Response:
     headers = {"Content-Type": "application/json", "Docker-Distribution-API-Version": "registry/2.0",
                "X-Cache": info(request).cache or "MISS", **err.headers}
-    challenge = getattr(err, "challenge", None)
-    if err.status == 401 and challenge is not None and "WWW-Authenticate" not in headers:
-        upstream, scope = challenge
-        base = request.app[PUBLIC_URL] or f"{request.scheme}://{request.host}"
-        value = f'Bearer realm="{base}/_edgecache/token/{upstream}",service="edgecache"'
-        if scope:
-            value += f',scope="{scope}"'
-        headers["WWW-Authenticate"] = value
+    upstream = getattr(err, "challenge", None)
+    if err.status == 401 and upstream is not None and "WWW-Authenticate" not in headers:
+        headers["WWW-Authenticate"] = token_challenge(request, upstream)
     body = b"" if request.method == "HEAD" else err.body()
     resp = web.Response(status=err.status, body=body, headers=headers)
     if request.method == "HEAD":
@@ -42,6 +37,24 @@ def render_error(request: web.Request, err: errors.OCIError) -> web.Response:
 
 
 PUBLIC_URL = web.AppKey("public_url", str)
+
+
+def token_challenge(request: web.Request, upstream: str) -> str:
+    """Point the client at our token endpoint (passthrough, DESIGN §4), in the client's own terms.
+
+    The scope names the repository as the client asked for it, and the realm carries the request's
+    ``ns=``: our token endpoint then translates the name to the upstream's exactly once, with the
+    same routing as ``/v2/`` (a prefix is stripped only when there is no ``ns``). Clients that build
+    their scope from their own request name, as containerd and Docker do, agree with it. Both values
+    were validated by the edge before any 401 is raised (name grammar, ``ns`` pattern)."""
+    base = request.app[PUBLIC_URL] or f"{request.scheme}://{request.host}"
+    ns = request.query.get("ns")
+    realm = f"{base}/_edgecache/token/{upstream}" + (f"?ns={ns}" if ns else "")
+    value = f'Bearer realm="{realm}",service="edgecache"'
+    api = info(request).api
+    if api is not None and api.name:
+        value += f',scope="repository:{api.name}:pull"'
+    return value
 
 
 class Htpasswd:

@@ -27,7 +27,7 @@ from aiocache import BaseCache
 from . import errors, oci
 from .collapse import Flight, Flights, RemoteFlight, SingleFlight, Source, State
 from .config import UpstreamConfig
-from .metadata import Metadata, TagEntry
+from .metadata import Entry, Metadata, TagEntry
 from .metrics import Metrics
 from .oci import Digest
 from .policy import Blocklist, Scanner
@@ -91,7 +91,7 @@ class BlobResult:
 
 def unauthorized(target: Target, message: str = "authentication required") -> errors.OCIError:
     err = errors.Unauthorized(message, detail={"upstream": target.upstream.name, "repository": target.repo})
-    err.challenge = (target.upstream.name, target.scope)  # type: ignore[attr-defined]
+    err.challenge = target.upstream.name  # type: ignore[attr-defined]  # the edge words it for the client
     return err
 
 
@@ -143,16 +143,18 @@ class PullThrough:
         if target.cfg.auth != "passthrough":
             return
         cred = target.upstream.effective_credential(target.credential)
-        await self.access.set(f"{up}|{repo}|{cred.key}", True, ttl=int(target.cfg.access_ttl))
+        if target.cfg.access_ttl > 0:  # as a float: aiocache keeps a ttl of 0 (int("500ms")) forever
+            await self.access.set(f"{up}|{repo}|{cred.key}", True, ttl=target.cfg.access_ttl)
         known = await self.metadata.visibility(up, repo)
         if cred.anonymous:
             if known != "public":
-                await self.metadata.set_visibility(up, repo, "public")
+                await self.metadata.set_visibility(up, repo, "public", target.cfg.visibility_ttl)
             return
-        if known is None:
+        if known is None:  # never asked, or the answer expired: repositories change visibility
             public = await self._probes.do(f"{up}|{repo}", lambda: self._probe_public(target, path))
             if public is not None:  # an erring probe (429, 5xx, timeout) decides nothing
-                await self.metadata.set_visibility(up, repo, "public" if public else "private")
+                await self.metadata.set_visibility(up, repo, "public" if public else "private",
+                                                   target.cfg.visibility_ttl)
 
     async def _probe_public(self, target: Target, path: str) -> bool | None:
         """Would an anonymous client be let in? One HEAD per repository, remembered; None: no answer."""
@@ -189,6 +191,9 @@ class PullThrough:
                                              headers=headers)
         resp.release()
         if resp.status != 200:
+            if resp.status in (401, 403) and target.cfg.auth == "passthrough" and target.credential.anonymous:
+                # Not (or no longer) public: the next anonymous callers are refused without asking.
+                await self.metadata.set_visibility(up, repo, "private", target.cfg.visibility_ttl)
             raise upstream_failure(resp, target, kind, digest)
         await self.metadata.add_link(up, repo, digest)
         await self._remember_access(target, path)
@@ -264,7 +269,10 @@ class PullThrough:
     async def _fetch_manifest(self, target: Target, ref: str, accept: str, expect: Digest | None) -> ManifestResult:
         """GET a manifest upstream, verify it, store it; raises the mapped OCI error otherwise."""
         path = f"/v2/{target.repo}/manifests/{ref}"
-        neg_key = f"{target.upstream.name}|{target.repo}|{ref}"
+        # Per credential: registries answer 404 to callers who may not see a private repository
+        # (ghcr.io, Docker Hub), and that answer must not reach a caller the upstream lets in.
+        cred = target.upstream.effective_credential(target.credential)
+        neg_key = f"{target.upstream.name}|{target.repo}|{ref}|{cred.key}"
         if await self.metadata.get_negative(neg_key):
             raise errors.ManifestUnknown("manifest unknown (cached upstream 404)",
                                          detail={"upstream": target.upstream.name, "reference": ref})
@@ -388,7 +396,8 @@ class PullThrough:
                                              detail={"upstream": up})
         if target.cfg.auth != "passthrough":
             return
-        if await self.metadata.visibility(up, repo) == "public":
+        # Upstream down: the last "public" answer holds a while longer, as stale tags do (max_stale).
+        if await self.metadata.visibility(up, repo, stale_ok=target.cfg.max_stale) == "public":
             return
         cred = target.upstream.effective_credential(target.credential)
         if not await self.access.get(f"{up}|{repo}|{cred.key}"):
@@ -400,13 +409,13 @@ class PullThrough:
         self.blocklist.check(key)
         entry = await self.metadata.get_entry(key)
         if entry is not None:
-            path = self.store.path(digest)
             try:
                 await self.authorize_cached(target, oci.Kind.BLOB, key)
             except errors.UpstreamUnavailable:
                 await self.authorize_cached_offline(target, key)
-            self.metadata.touch(key)
-            return BlobResult(key, entry.size, oci.OCTET_STREAM, Outcome.HIT, path=path)
+            if await self._still_on_disk(digest):  # checked last: as close to the send as we can get
+                self.metadata.touch(key)
+                return BlobResult(key, entry.size, oci.OCTET_STREAM, Outcome.HIT, path=self.store.path(digest))
         if head:
             return await self._head_blob(target, digest)
         if self.flights.spilled(key):  # disk full: this download cannot be joined from byte 0
@@ -428,6 +437,19 @@ class PullThrough:
             del self._starting[key]
             claim.set_result(None)
         return await self._as_result(decided, digest)
+
+    async def _still_on_disk(self, digest: Digest) -> bool:
+        """Is a hit's file still there? Another worker's eviction (or ``edgecache purge``) unlinks files
+        this process's in-memory entries still list; such a hit is a miss (fetch again), never a 404.
+        One stat per hit: the sender opens the file by path after this, so only a race of microseconds
+        with an eviction is left (and an open file survives its unlink)."""
+        if await self._run(self.store.size, digest) is not None:
+            return True
+        path = self.store.path(digest)
+        if await self.metadata.drop_entry(str(digest), only_if=lambda _stored: not path.exists()):
+            log.info("%s was cached but its file is gone (evicted by another process): fetching it again", digest)
+            return False
+        return True  # committed again meanwhile (another worker fetched it)
 
     async def _committed_hit(self, target: Target, digest: Digest, size: int) -> BlobResult:
         """The verified file is there (another worker committed it): a hit, without re-entering blob()
@@ -889,17 +911,22 @@ class Evictor:
             for digest, entry in await self.metadata.lru():
                 if freed >= nbytes:
                     break
-                freed += await self._evict_one(digest, entry.size)
+                freed += await self._evict_one(digest, entry)
             return freed
 
-    async def _evict_one(self, digest: str, size: int) -> int:
+    async def _evict_one(self, digest: str, listed: Entry) -> int:
         """Forget an entry, then unlink its file (an open reader keeps its inode); index writes that fail
-        on a full disk are remembered in memory, so the file still goes and frees its space."""
-        await self.metadata.drop_entry(digest)
+        on a full disk are remembered in memory, so the file still goes and frees its space.
+
+        Only the entry as listed goes: since the listing, another worker may have used it (then it is
+        not least recently used any more) or evicted it and committed the digest again (then the file
+        is that worker's fresh copy, possibly being served)."""
+        if not await self.metadata.drop_entry(digest, only_if=lambda stored: stored == listed):
+            return 0
         await asyncio.get_running_loop().run_in_executor(None, self.store.remove, Digest.parse(digest))
         self.metrics.evictions.inc()
-        self.metrics.evicted_bytes.inc(size)
-        return size
+        self.metrics.evicted_bytes.inc(listed.size)
+        return listed.size
 
     async def make_room(self, incoming: int) -> None:
         """Before a fill: evict so that usage plus the new blob stays under the budget."""
@@ -916,7 +943,7 @@ class Evictor:
             for digest, entry in await self.metadata.lru():
                 if total - freed <= target:
                     break
-                freed += await self._evict_one(digest, entry.size)
+                freed += await self._evict_one(digest, entry)
             self.metrics.cache_bytes.set(total - freed)
             if freed:
                 log.info("evicted %d bytes (usage %d, budget %d)", freed, total - freed, self.max_size)

@@ -149,7 +149,7 @@ async def _base(request: web.Request, ctx: "EdgeContext") -> web.StreamResponse:
     if (client is not None and client.cfg.auth == "passthrough" and "Authorization" not in request.headers
             and await client.challenge_params()):
         err = errors.Unauthorized("authentication required", detail={"upstream": client.name})
-        err.challenge = (client.name, None)  # type: ignore[attr-defined]
+        err.challenge = client.name  # type: ignore[attr-defined]
         err.headers.update(headers)
         raise err
     return web.json_response({}, headers=headers)
@@ -446,17 +446,19 @@ async def handle_token(request: web.Request) -> web.StreamResponse:
     client = ctx.router.clients.get(name)
     if client is None or client.cfg.auth != "passthrough":
         raise errors.NameUnknown(f"no passthrough upstream named {name!r}", detail={"upstream": name})
-    query = {k: v for k, v in request.query.items() if k in ("scope", "account", "client_id", "offline_token")}
+    query = {k: v for k, v in request.query.items() if k in ("account", "client_id", "offline_token")}
+    ns = request.query.get("ns")  # set by our own challenge when the client routed with ns=
     scopes = request.query.getall("scope", [])
+    if scopes:
+        query["scope"] = _translate_scopes(ctx.router, client, ns, " ".join(scopes))
     form: dict[str, str] | None = None
     if request.method == "POST":
         raw = await request.post()
         form = {k: str(v) for k, v in raw.items() if isinstance(v, str)}
         if "scope" in form:
-            form["scope"] = " ".join(_translate_scope(ctx.router, client, s) for s in form["scope"].split(" "))
-    status, body = await ctx.policy.relay_token(client, 
-        request.method, {**query, **({"scope": " ".join(_translate_scope(ctx.router, client, s) for s in scopes)} if scopes else {})},
-        form, request.headers.get("Authorization"))
+            form["scope"] = _translate_scopes(ctx.router, client, ns, form["scope"])
+    status, body = await ctx.policy.relay_token(client, request.method, query, form,
+                                                request.headers.get("Authorization"))
     info(request).upstream = client.name
     if status == 401:
         raise errors.Unauthorized("credentials refused by the upstream token server", detail={"upstream": name})
@@ -465,18 +467,23 @@ async def handle_token(request: web.Request) -> web.StreamResponse:
     return web.Response(status=200, body=body, content_type="application/json")
 
 
-def _translate_scope(router: Router, client: UpstreamClient, scope: str) -> str:
-    """``repository:<client name>:pull`` to the upstream's name (prefix removed, library/ added)."""
-    parts = scope.split(":")
-    if len(parts) < 3 or parts[0] != "repository":
-        return scope
-    name = ":".join(parts[1:-1])
-    first, sep, rest = name.partition("/")
-    if sep and client.cfg.prefix == first:
-        name = rest
-    if client.cfg.library_prefix and "/" not in name:
-        name = "library/" + name
-    return f"repository:{name}:pull"
+def _translate_scopes(router: Router, client: UpstreamClient, ns: str | None, scopes: str) -> str:
+    """Space-separated scopes in the client's naming to the upstream's: each repository name goes
+    through the same routing as a ``/v2/`` request with this ``ns`` (so a prefix is stripped once,
+    and only without ``ns``); a name that would route to another upstream is dropped, not relayed."""
+    out = []
+    for scope in scopes.split(" "):
+        parts = scope.split(":")
+        if len(parts) < 3 or parts[0] != "repository":
+            out.append(scope)
+            continue
+        try:
+            routed, repo = router.upstream_for(ns, ":".join(parts[1:-1]))
+        except errors.OCIError:
+            continue
+        if routed is client:
+            out.append(f"repository:{repo}:pull")
+    return " ".join(s for s in out if s)
 
 
 async def handle_healthz(request: web.Request) -> web.StreamResponse:

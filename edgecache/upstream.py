@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import logging
 import random
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode, urljoin, urlsplit
@@ -131,6 +132,39 @@ class UpstreamResponse:
         self._resp.close()
 
 
+class KeyedLocks:
+    """One asyncio lock per key, kept only while a task holds or awaits it.
+
+    Token fetches are serialised per (scope, credential), and in passthrough mode every client
+    brings its own credential: a plain dict of locks would grow with every one ever seen.
+    """
+
+    @dataclass(slots=True)
+    class _Entry:
+        lock: asyncio.Lock
+        users: int = 0  # tasks holding or awaiting the lock
+
+    def __init__(self) -> None:
+        self._entries: dict[str, KeyedLocks._Entry] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @contextlib.asynccontextmanager
+    async def hold(self, key: str) -> AsyncIterator[None]:
+        entry = self._entries.get(key)
+        if entry is None:
+            entry = self._entries[key] = KeyedLocks._Entry(asyncio.Lock())
+        entry.users += 1
+        try:
+            async with entry.lock:
+                yield
+        finally:  # also when cancelled while waiting
+            entry.users -= 1
+            if entry.users == 0:
+                del self._entries[key]
+
+
 class UpstreamClient:
     """The one client for one upstream registry."""
 
@@ -139,7 +173,7 @@ class UpstreamClient:
         self.name = cfg.name
         self._tokens = tokens
         self._session: aiohttp.ClientSession | None = None
-        self._token_locks: dict[str, asyncio.Lock] = {}
+        self._token_locks = KeyedLocks()
         self._on_request = on_request  # callback(upstream, method, status|None, seconds, error_kind|None)
         self._config_credential: Credential | None = None
         self.ratelimit_remaining: float | None = None
@@ -251,8 +285,7 @@ class UpstreamClient:
         if scheme != "bearer" or "realm" not in params:
             return None
         key = self._token_key(scope, cred)
-        lock = self._token_locks.setdefault(key, asyncio.Lock())
-        async with lock:  # one token fetch per (scope, credential) at a time
+        async with self._token_locks.hold(key):  # one token fetch per (scope, credential) at a time
             cached = await self._tokens.get(key)
             if isinstance(cached, str) and cached != refused:  # another request fetched a new one meanwhile
                 return cached

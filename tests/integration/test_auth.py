@@ -7,9 +7,12 @@ token endpoint in passthrough mode), retry with the Bearer token.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import logging
+import time
+import uuid
 
 import aiohttp
 import orjson
@@ -18,7 +21,7 @@ import pytest
 from edgecache.app import METRICS
 from tests.support.edge import Edge, EdgeFactory
 from tests.support.registry import RegistryProcess
-from tests.support.seed import parse_bearer_challenge
+from tests.support.seed import parse_bearer_challenge, push_image, token_for_user
 from tests.support.tap import Tap
 from tests.support.token_server import TokenServer
 
@@ -261,3 +264,86 @@ async def test_upstream_down_never_serves_another_upstreams_private_blob(
         hub.set_down()
         status, body, _ = await DockerClient(http).get(f"{edge.url}/v2/library/x/blobs/{private.layer_digests[0]}")
         assert status != 200 and private.blobs[private.layer_digests[0]] not in body
+
+
+@pytest.mark.parametrize("by", ["tag", "digest"])
+async def test_a_404_shown_to_an_anonymous_caller_is_not_replayed_to_an_authorised_one(
+        auth_edge: tuple[Edge, Tap], token_registry: RegistryProcess, by: str) -> None:
+    """ghcr.io and Docker Hub answer 404 for a private repository to callers without access: that
+    answer is remembered for those callers only, never handed to a credential the upstream lets in."""
+    edge, tap = auth_edge
+    img = token_registry.seeded.private
+    ref = "v1" if by == "tag" else img.digest
+    url = f"{edge.url}/v2/{img.repo}/manifests/{ref}"
+    hidden = orjson.dumps({"errors": [{"code": "MANIFEST_UNKNOWN", "message": "manifest unknown"}]})
+    tap.status_next("manifest", 404, methods=("GET",), body=hidden)  # the upstream hides it from anonymous
+    async with aiohttp.ClientSession() as http:
+        for _ in range(2):  # the second anonymous ask is answered from the negative cache
+            async with http.get(url, headers=ACCEPT) as r:
+                assert r.status == 404 and (await r.json())["errors"][0]["code"] == "MANIFEST_UNKNOWN"
+        assert tap.count("GET", "manifest") == 1
+        alice = {"Authorization": "Basic " + base64.b64encode(b"alice:alicepw").decode(), **ACCEPT}
+        async with http.get(url, headers=alice) as r:
+            assert r.status == 200 and await r.read() == img.manifest
+    assert tap.count("GET", "manifest", status=200) >= 1  # alice's answer came from upstream
+
+
+async def test_token_relay_names_the_right_repository_when_its_first_segment_is_the_prefix(
+        edge_factory: EdgeFactory, make_tap: object, token_registry: RegistryProcess,
+        token_server: TokenServer) -> None:
+    """An upstream whose prefix is ``private`` serves repository ``private/app``: as
+    ``/v2/private/private/app`` (prefix routing) and as ``/v2/private/app?ns=`` (containerd). The
+    token relay must ask for ``private/app`` both times (the prefix is stripped exactly once)."""
+    tap = await make_tap(token_registry.url)  # type: ignore[operator]
+    edge = await edge_factory(tap.url, name="private", auth="passthrough",
+                              token_realm_hosts=[realm_host(token_server)])
+    img = token_registry.seeded.private
+    assert img.repo == "private/app"
+    for name, query in (("private/private/app", ""), ("private/app", f"?ns={tap.host}")):
+        token_server.clear()
+        async with aiohttp.ClientSession() as http:
+            alice = DockerClient(http, "alice", "alicepw")
+            status, body, _ = await alice.get(f"{edge.url}/v2/{name}/manifests/v1{query}", headers=ACCEPT)
+            assert status == 200 and body == img.manifest, (name, status, body[:200])
+            status, blob, _ = await alice.get(f"{edge.url}/v2/{name}/blobs/{img.layer_digests[0]}{query}")
+            assert status == 200 and blob == img.blobs[img.layer_digests[0]]
+        relayed = {s for r in token_server.requests if r.username == "alice" for s in r.scope}
+        assert relayed == {"repository:private/app:pull"}, (name, relayed)
+
+
+async def test_a_public_repository_made_private_stops_being_served_anonymously(
+        edge_factory: EdgeFactory, make_tap: object, token_registry: RegistryProcess, token_server: TokenServer,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Public is an upstream answer that expires (visibility_ttl), not a fact forever: after that, an
+    anonymous request is checked upstream again before cached content goes out."""
+    repo = f"public/flip-{uuid.uuid4().hex[:8]}"
+    async with aiohttp.ClientSession() as s:
+        img = await push_image(s, token_registry.url, repo, "v1", salt=repo,
+                               headers=await token_for_user(token_registry.url, "alice", "alicepw")(repo))
+    # Registries check a token's claims, not a revocation list: revocation reaches them as tokens expire.
+    monkeypatch.setattr(token_server, "expires_in", 6)  # edgecache keeps such a token for 1 s
+    tap = await make_tap(token_registry.url)  # type: ignore[operator]
+    edge = await edge_factory(tap.url, auth="passthrough", token_realm_hosts=[realm_host(token_server)],
+                              visibility_ttl="200ms", access_ttl="200ms")
+    paths = [f"/v2/{repo}/manifests/v1", f"/v2/{repo}/manifests/{img.digest}"] + [
+        f"/v2/{repo}/blobs/{d}" for d in (img.config_digest, *img.layer_digests)]
+    async with aiohttp.ClientSession() as http:
+        assert set((await pull_image(DockerClient(http), edge, repo, "v1")).values()) == {200}  # anonymously
+        monkeypatch.setattr(token_server, "anonymous_denied", frozenset({repo}))  # the repository goes private
+        deadline = time.monotonic() + 15
+        while True:  # the cached token expires after 1 s, the visibility and access records after 0.2 s
+            async with http.get(edge.url + paths[-1]) as r:
+                if r.status in (401, 403):
+                    break
+                assert r.status == 200 and time.monotonic() < deadline, "still served anonymously"
+            await asyncio.sleep(0.1)
+        for path in paths:
+            for method in ("GET", "HEAD"):
+                async with http.request(method, edge.url + path, headers=ACCEPT) as r:
+                    body = await r.read()
+                    assert r.status in (401, 403), (method, path, r.status)
+                    assert img.manifest not in body and not any(b in body for b in img.blobs.values())
+        tap.reset()
+        statuses = await pull_image(DockerClient(http, "alice", "alicepw"), edge, repo, "v1")
+    assert set(statuses.values()) == {200}
+    assert tap.count("GET", "blob") == 0  # alice is served from the cache

@@ -214,3 +214,31 @@ async def test_restart_serves_from_cache_without_upstream(edge_factory: EdgeFact
         assert r.headers["Content-Type"] == "application/vnd.oci.image.manifest.v1+json"
     await pull(http, second, "library/multi", [s.configs["amd64"], *s.layers["amd64"]])
     assert tap.count() == 0
+
+
+async def test_blob_gone_from_disk_is_a_miss_not_a_404(edge_factory: EdgeFactory, tap: Tap, registry: RegistryProcess,
+                                                       http: aiohttp.ClientSession) -> None:
+    """Another worker's eviction (or ``edgecache purge``) unlinks a file this process still believes cached:
+    the next request fetches it again (one upstream GET) instead of answering 404."""
+    from edgecache.oci import Digest
+
+    edge = await edge_factory(tap.url)
+    store = edge.app[STATE].store
+    assert store is not None
+    digest = registry.seeded.layers["amd64"][0]
+    url = f"{edge.url}/v2/library/multi/blobs/{digest}"
+    await pull(http, edge, "library/multi", [digest])
+    async with http.get(url) as r:
+        assert r.status == 200 and r.headers["X-Cache"] == "HIT"
+    tap.reset()
+    store.path(Digest.parse(digest)).unlink()  # behind the app's back, as another worker's evictor does
+    async with http.head(url) as r:
+        assert r.status == 200 and int(r.headers["Content-Length"]) == len(registry.seeded.blobs[digest])
+    async with http.get(url) as r:
+        assert r.status == 200 and r.headers["X-Cache"] == "MISS"
+        assert await r.read() == registry.seeded.blobs[digest]
+    assert tap.count("GET", "blob", digest) == 1
+    assert store.path(Digest.parse(digest)).exists()  # cached again
+    async with http.get(url) as r:
+        assert r.status == 200 and r.headers["X-Cache"] == "HIT" and await r.read() == registry.seeded.blobs[digest]
+    assert tap.count("GET", "blob", digest) == 1

@@ -72,6 +72,8 @@ class TokenServer:
         self.users = dict(users or USERS)
         self.expires_in = expires_in
         self.requests: list[TokenRequest] = []
+        # Repositories whose anonymous pull was revoked (a public repository made private); tests set it.
+        self.anonymous_denied: frozenset[str] = frozenset()
         self._lock = threading.Lock()
         self._refresh: dict[str, str] = {}
         self._key = ec.generate_private_key(ec.SECP256R1())
@@ -119,7 +121,8 @@ class TokenServer:
             wanted = {a for a in actions.split(",") if a}
             if "*" in wanted:
                 wanted = {"pull", "push"}
-            granted = sorted(wanted & allowed_actions(username, name))
+            allowed = set() if username is None and name in self.anonymous_denied else allowed_actions(username, name)
+            granted = sorted(wanted & allowed)
             access.append({"type": typ, "name": name, "actions": granted})
         now = int(time.time())
         claims = {

@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import diskcache
 import pytest
 
-from edgecache.metadata import Metadata, TagEntry
+from edgecache.metadata import Entry, Metadata, TagEntry
 from edgecache.metrics import Metrics
 from edgecache.oci import Digest
 from edgecache.pullthrough import Evictor
@@ -92,6 +93,24 @@ async def test_index_tags_links_negative(tmp_path: Path) -> None:
         await md.close()
 
 
+
+async def test_visibility_expires_and_can_be_read_stale(tmp_path: Path) -> None:
+    clock = Clock()
+    md = Metadata(tmp_path / "index", clock)
+    await md.open()
+    try:
+        assert await md.visibility("up", "r") is None
+        await md.set_visibility("up", "r", "public", 300)
+        assert await md.visibility("up", "r") == "public"
+        clock.now += 301
+        assert await md.visibility("up", "r") is None  # ask the upstream again
+        assert await md.visibility("up", "r", stale_ok=3600) == "public"  # unless it is down
+        with diskcache.Cache(str(tmp_path / "index" / "meta")) as older_version:
+            older_version.set("v|up|old", "public")  # the shape it kept forever
+        assert await md.visibility("up", "old", stale_ok=3600) is None
+    finally:
+        await md.close()
+
 async def test_lru_eviction_respects_budget_and_access_order(tmp_path: Path) -> None:
     clock = Clock()
     store = BlobStore(tmp_path)
@@ -117,6 +136,50 @@ async def test_lru_eviction_respects_budget_and_access_order(tmp_path: Path) -> 
         assert store.size(digests[1]) is None  # evicted: least recently used
     finally:
         await owner.close()
+        await md.close()
+
+
+async def test_eviction_spares_what_another_worker_used_or_committed_since_the_listing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Between listing the LRU order and unlinking, another worker (a second index handle on the same
+    directory) re-commits one digest and uses another: only the untouched one is evicted."""
+    clock, other_clock = Clock(), Clock()
+    store = BlobStore(tmp_path)
+    store.create_dirs()
+    md, other = Metadata(tmp_path / "index", clock), Metadata(tmp_path / "index", other_clock)
+    await md.open()
+    await other.open()
+    owner = TaskOwner()
+    evictor = Evictor(store, md, Metrics(), max_size=1000, high=0.5, low=0.1, spawn=owner.spawn)
+    contents = {Digest.of(bytes([i]) * 300): bytes([i]) * 300 for i in range(3)}
+    recommitted, used, idle = contents
+    try:
+        for d, data in contents.items():
+            store.write_verified(d, data)
+            await md.put_entry(str(d), 300, "x")
+            clock.now += 1
+        listing = md.lru
+
+        async def listing_then_other_worker() -> list[tuple[str, Entry]]:
+            listed = await listing()
+            other_clock.now = clock.now + 10
+            await other.drop_entry(str(recommitted))  # its eviction ...
+            store.remove(recommitted)
+            store.write_verified(recommitted, contents[recommitted])  # ... and a fresh fetch
+            await other.put_entry(str(recommitted), 300, "x")
+            other.touch(str(used))
+            await other.flush_touches()
+            return listed
+
+        monkeypatch.setattr(md, "lru", listing_then_other_worker)
+        assert await evictor.evict(0) == 300
+        assert store.size(idle) is None
+        assert store.size(recommitted) == 300 and store.size(used) == 300
+        assert await md.get_entry(str(recommitted)) is not None
+        assert await other.total_bytes() == 600
+    finally:
+        await owner.close()
+        await other.close()
         await md.close()
 
 

@@ -26,7 +26,7 @@ from .oci import MANIFEST_TYPES, MAX_MANIFEST_BYTES, OCTET_STREAM, Digest
 from .policy import Blocklist, Scanner
 from .pullthrough import Evictor, PullThrough
 from .replicate import Replicator
-from .storage import BlobStore
+from .storage import BlobStore, HotFiles
 from .tasks import TaskOwner
 from .upstream import UpstreamClient
 
@@ -37,6 +37,7 @@ METRICS = web.AppKey("metrics", Metrics)
 TASKS = web.AppKey("tasks", TaskOwner)
 
 TOUCH_FLUSH_SECONDS = 2.0
+HOT_FILES_SWEEP_SECONDS = 5.0  # an unlinked file we hold open keeps its space at most this long
 
 
 class AppState:
@@ -97,8 +98,9 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     for c in clients.values():
         await c.start()
     flights = Flights(tasks.spawn)
+    hot = HotFiles(config.cache.open_files)
     evictor = Evictor(store, metadata, metrics, config.cache.max_size, config.cache.high_watermark,
-                      config.cache.low_watermark, tasks.spawn)
+                      config.cache.low_watermark, tasks.spawn, hot=hot)
     policy = PullThrough(store, metadata, flights, access, metrics, evictor)
     policy.blocklist = Blocklist(config.blocklist)
     policy.blocklist.reload()
@@ -123,6 +125,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         tasks.spawn(replicator.run_forever(item), f"replicate:{i}")
     tasks.spawn(_flush_touches(metadata), "flush-touches")
     tasks.spawn(_flush_metrics(metrics), "flush-metrics")
+    tasks.spawn(_sweep_hot_files(hot), "sweep-hot-files")
     tasks.spawn(evictor.evict(0), "evict-startup")
     log.info("edgecache ready: cache %s, %d upstreams", cache_dir, len(clients))
     try:
@@ -136,6 +139,10 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         closers += [lambda: _close_cache(tokens), lambda: _close_cache(access), scan_session.close, metadata.close]
         if shared_tags is not None:
             closers.append(lambda: _close_cache(shared_tags))
+        async def close_hot_files() -> None:
+            hot.close()
+
+        closers.append(close_hot_files)
         for close in closers:
             try:
                 await close()
@@ -159,6 +166,13 @@ async def _flush_metrics(metrics: Metrics) -> None:
             metrics.flush()
     finally:
         metrics.flush()
+
+
+async def _sweep_hot_files(hot: HotFiles) -> None:
+    """Return the space of files unlinked by other processes (eviction, purge) that we still hold open."""
+    while True:
+        await asyncio.sleep(HOT_FILES_SWEEP_SECONDS)
+        hot.sweep()
 
 
 async def _flush_touches(metadata: Metadata) -> None:

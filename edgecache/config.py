@@ -142,6 +142,7 @@ class CacheConfig:
     max_size: int = 50 * 2**30  # default "50GiB"
     high_watermark: float = 0.95  # eviction starts above this fraction of max_size
     low_watermark: float = 0.85  # and stops below this one
+    open_files: int = 1024  # descriptors of small hot blobs kept open (0: open per request)
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,6 +226,10 @@ def _cache(t: Mapping[str, Any]) -> CacheConfig:
             kw[k] = _typed(v, str, key)
         elif k == "max_size":
             kw[k] = parse_size(v, key)
+        elif k == "open_files":
+            if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= 65536:
+                raise ConfigError(f"{key}: expected an integer from 0 to 65536")
+            kw[k] = v
         else:
             if not isinstance(v, (int, float)) or not 0 < v <= 1:
                 raise ConfigError(f"{key}: expected a fraction in (0, 1]")

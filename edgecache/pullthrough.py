@@ -31,7 +31,7 @@ from .metadata import Entry, Metadata, TagEntry
 from .metrics import Metrics
 from .oci import Digest
 from .policy import Blocklist, Scanner
-from .storage import BlobStore, FillInfo
+from .storage import BlobStore, FillInfo, HotFiles
 from .upstream import Credential, UpstreamClient, UpstreamResponse
 
 log = logging.getLogger("edgecache.pullthrough")
@@ -82,11 +82,22 @@ class BlobResult:
     size: int | None
     media_type: str
     outcome: Outcome
-    path: Path | None = None  # committed file: serve with sendfile
+    fd: int | None = None  # committed file, open (release() closes it): serve with sendfile
     source: Source | None = None  # fill in progress: serve spans as they land
     open_partial: Callable[[], Awaitable[int]] | None = None
     release: Callable[[], None] = field(default=lambda: None)
     direct: UpstreamResponse | None = None  # disk full: relay this upstream body as it comes
+
+
+def _hit(key: str, fd: int, size: int) -> BlobResult:
+    return BlobResult(key, size, oci.OCTET_STREAM, Outcome.HIT, fd=fd, release=lambda: os.close(fd))
+
+
+def _close_opened(f: "asyncio.Future[tuple[int, int] | None]") -> None:
+    if not f.cancelled() and f.exception() is None:
+        opened = f.result()
+        if opened is not None:
+            os.close(opened[0])
 
 
 def unauthorized(target: Target, message: str = "authentication required") -> errors.OCIError:
@@ -116,8 +127,10 @@ class PullThrough:
     """The policy over a local store and remote upstreams."""
 
     def __init__(self, store: BlobStore, metadata: Metadata, flights: Flights, access: BaseCache,
-                 metrics: Metrics, evictor: "Evictor", clock: Callable[[], float] = time.time) -> None:
+                 metrics: Metrics, evictor: "Evictor", clock: Callable[[], float] = time.time,
+                 hot: HotFiles | None = None) -> None:
         self.store = store
+        self.hot = hot if hot is not None else evictor.hot
         self.metadata = metadata
         self.flights = flights
         self.access = access  # (upstream, repo, credential key) -> confirmed, with a TTL
@@ -413,9 +426,15 @@ class PullThrough:
                 await self.authorize_cached(target, oci.Kind.BLOB, key)
             except errors.UpstreamUnavailable:
                 await self.authorize_cached_offline(target, key)
-            if await self._still_on_disk(digest):  # checked last: as close to the send as we can get
+            opened = await self._open_hit(digest)  # last: the open file is what gets sent
+            if opened is not None:
                 self.metadata.touch(key)
-                return BlobResult(key, entry.size, oci.OCTET_STREAM, Outcome.HIT, path=self.store.path(digest))
+                return _hit(key, *opened)
+            # Listed here but gone: another worker's eviction (or ``edgecache purge``) unlinked it.
+            # A miss, never a 404: forget the entry unless the digest was committed again meanwhile.
+            path = self.store.path(digest)
+            if await self.metadata.drop_entry(key, only_if=lambda _stored: not path.exists()):
+                log.info("%s was cached but its file is gone (evicted by another process): fetching it again", key)
         if head:
             return await self._head_blob(target, digest)
         if self.flights.spilled(key):  # disk full: this download cannot be joined from byte 0
@@ -438,18 +457,24 @@ class PullThrough:
             claim.set_result(None)
         return await self._as_result(decided, digest)
 
-    async def _still_on_disk(self, digest: Digest) -> bool:
-        """Is a hit's file still there? Another worker's eviction (or ``edgecache purge``) unlinks files
-        this process's in-memory entries still list; such a hit is a miss (fetch again), never a 404.
-        One stat per hit: the sender opens the file by path after this, so only a race of microseconds
-        with an eviction is left (and an open file survives its unlink)."""
-        if await self._run(self.store.size, digest) is not None:
-            return True
-        path = self.store.path(digest)
-        if await self.metadata.drop_entry(str(digest), only_if=lambda _stored: not path.exists()):
-            log.info("%s was cached but its file is gone (evicted by another process): fetching it again", digest)
-            return False
-        return True  # committed again meanwhile (another worker fetched it)
+    async def _open_hit(self, digest: Digest) -> tuple[int, int] | None:
+        """A descriptor of the committed file (the caller closes it) and its size; None when it is gone.
+        Small hot blobs come from :class:`HotFiles` without an executor round trip."""
+        key = str(digest)
+        found = self.hot.dup(key)
+        if found is not None:
+            return found
+        loop = asyncio.get_running_loop()
+        pending = loop.run_in_executor(None, self.store.open_blob, digest)
+        try:
+            opened = await asyncio.shield(pending)
+        except asyncio.CancelledError:  # the open still completes: close what it opens
+            pending.add_done_callback(_close_opened)
+            raise
+        if opened is None:
+            return None
+        fd, size = opened
+        return self.hot.offer(key, fd, size), size
 
     async def _committed_hit(self, target: Target, digest: Digest, size: int) -> BlobResult:
         """The verified file is there (another worker committed it): a hit, without re-entering blob()
@@ -460,8 +485,11 @@ class PullThrough:
         if entry is None:
             await self.metadata.put_entry(key, size, oci.OCTET_STREAM)
         await self.authorize_cached(target, oci.Kind.BLOB, key)
+        opened = await self._open_hit(digest)
+        if opened is None:  # evicted the moment it was committed: let the client retry
+            raise errors.UpstreamError("cached file vanished while being opened", detail={"digest": key})
         self.metadata.touch(key)
-        return BlobResult(key, size, oci.OCTET_STREAM, Outcome.HIT, path=self.store.path(digest))
+        return _hit(key, *opened)
 
     async def _as_result(self, decided: BlobResult | Flight, digest: Digest) -> BlobResult:
         if isinstance(decided, Flight):  # we lead: wait for the upstream's headers like any reader
@@ -885,8 +913,9 @@ class Evictor:
     """LRU eviction driven from the index (diskcache's own culling only governs its own values)."""
 
     def __init__(self, store: BlobStore, metadata: Metadata, metrics: Metrics, max_size: int,
-                 high: float, low: float, spawn: Callable[..., Any]) -> None:
+                 high: float, low: float, spawn: Callable[..., Any], hot: HotFiles | None = None) -> None:
         self.store, self.metadata, self.metrics = store, metadata, metrics
+        self.hot = hot if hot is not None else HotFiles()
         self.max_size = max_size
         self.high, self.low = int(max_size * high), int(max_size * low)
         self._spawn = spawn
@@ -924,6 +953,7 @@ class Evictor:
         if not await self.metadata.drop_entry(digest, only_if=lambda stored: stored == listed):
             return 0
         await asyncio.get_running_loop().run_in_executor(None, self.store.remove, Digest.parse(digest))
+        self.hot.forget(digest)
         self.metrics.evictions.inc()
         self.metrics.evicted_bytes.inc(listed.size)
         return listed.size

@@ -179,8 +179,8 @@ async def _blob(request: web.Request, policy: PullThrough, target: Target, diges
     try:
         headers = _common_headers(request, target, result.outcome)
         headers.update({"Docker-Content-Digest": result.digest, "Content-Type": oci.OCTET_STREAM,
-                        "Accept-Ranges": "bytes"})  # hits get FileResponse's own ETag (validators it checks)
-        if result.path is not None:
+                        "Accept-Ranges": "bytes"})
+        if result.fd is not None:
             return await _send_file(request, result, rng, headers)
         if request.method == "HEAD" or (result.source is None and result.direct is None):
             if result.size is not None:
@@ -199,24 +199,58 @@ async def _blob(request: web.Request, policy: PullThrough, target: Target, diges
 
 async def _send_file(request: web.Request, result: BlobResult, rng: oci.RangeSpec | None,
                      headers: dict[str, str]) -> web.StreamResponse:
-    """A hit: FileResponse does sendfile, Range, conditional requests (STYLE rule 9)."""
-    assert result.path is not None and result.size is not None
-    served = result.size
+    """A hit: the committed file's descriptor, sent with sendfile (Range, If-Range, If-None-Match).
+
+    The strong validator is the digest itself: the bytes behind a digest never change.
+    """
+    assert result.fd is not None and result.size is not None
+    size = result.size
+    etag = f'"{result.digest}"'
+    headers["ETag"] = etag
+    ri = info(request)
+    ri.bytes = 0
+    if_none_match = request.headers.get("If-None-Match")
+    if if_none_match is not None and _etag_listed(if_none_match, etag):
+        return web.Response(status=304, headers=headers)
     if rng is not None:
-        byte_range = rng.resolve(result.size)
-        if byte_range is None:  # multi-range: answer the whole blob
-            request = request.clone(headers={k: v for k, v in request.headers.items() if k.lower() != "range"})
-        else:
-            served = byte_range.length
-    info(request).bytes = 0 if request.method == "HEAD" else served
-    request.app[CTX].count_bytes("cache", info(request).bytes)
+        if_range = request.headers.get("If-Range")
+        if if_range is not None and if_range.strip() != etag:
+            rng = None  # the client's copy is of something else: send the whole blob
+    start, length, status = 0, size, 200
+    if rng is not None:
+        byte_range = rng.resolve(size)  # None for multi-range: the whole blob (RFC 9110 allows it)
+        if byte_range is not None:
+            start, length, status = byte_range.start, byte_range.length, 206
+            headers["Content-Range"] = byte_range.content_range(size)
+    if request.method == "HEAD":
+        headers["Content-Length"] = str(length)
+        return web.Response(status=status, headers=headers)
+    ri.bytes = length
+    request.app[CTX].count_bytes("cache", length)
     transport = request.transport
-    if transport is not None and transport.get_extra_info("sslcontext") is not None and request.method == "GET":
-        return await _send_file_tls(request, result, rng, headers)
-    resp = _PreparedFileResponse(result.path, chunk_size=SPAN_READ, headers=headers)
-    # Prepare here, not after the middleware: the access log then sees the final status (206, 304, 416).
-    await resp.prepare(request)
+    if transport is not None and transport.get_extra_info("sslcontext") is not None:
+        return await _send_file_tls(request, result.fd, start, length, status, headers)
+    resp = web.StreamResponse(status=status, headers=headers)
+    resp.content_length = length
+    sender = SpanSender(request, resp, result.fd, owns_fd=False)
+    try:
+        await resp.prepare(request)
+        if length:
+            await sender.send(start, length)
+    except ConnectionError:
+        ri.error = "client disconnected"
+        return resp
+    finally:
+        sender.close()
+    await resp.write_eof()
     return resp
+
+
+def _etag_listed(header: str, etag: str) -> bool:
+    """If-None-Match: ``*`` or a list of entity tags (weak comparison, RFC 9110 §13.1.2)."""
+    if header.strip() == "*":
+        return True
+    return any(t.strip().removeprefix("W/") == etag for t in header.split(","))
 
 
 async def _send_flight(request: web.Request, result: BlobResult, rng: oci.RangeSpec | None,
@@ -312,20 +346,13 @@ def _cut(request: web.Request) -> None:
 TLS_READ = 4 << 20
 
 
-async def _send_file_tls(request: web.Request, result: BlobResult, rng: oci.RangeSpec | None,
+async def _send_file_tls(request: web.Request, fd: int, start: int, length: int, status: int,
                          headers: dict[str, str]) -> web.StreamResponse:
     """Under TLS there is no sendfile: read big pieces in a thread and write them (asyncio's
     sendfile fallback moves 256 KiB at a time through the SSL transport, several times slower)."""
-    assert result.path is not None and result.size is not None
-    start, length, status = 0, result.size, 200
-    byte_range = rng.resolve(result.size) if rng is not None else None
-    if byte_range is not None:
-        start, length, status = byte_range.start, byte_range.length, 206
-        headers["Content-Range"] = byte_range.content_range(result.size)
     resp = web.StreamResponse(status=status, headers=headers)
     resp.content_length = length
     loop = asyncio.get_running_loop()
-    fd = await loop.run_in_executor(None, os.open, result.path, os.O_RDONLY)
     try:
         await resp.prepare(request)
         pos, end = start, start + length
@@ -337,27 +364,16 @@ async def _send_file_tls(request: web.Request, result: BlobResult, rng: oci.Rang
             pos += len(data)
     except ConnectionError:
         return resp
-    finally:
-        os.close(fd)
     await resp.write_eof()
     return resp
-
-
-class _PreparedFileResponse(web.FileResponse):
-    """A FileResponse the handler prepares itself; aiohttp's second ``prepare`` is then a no-op."""
-
-    async def prepare(self, request: web.BaseRequest) -> Any:
-        if self.prepared:
-            return None
-        return await super().prepare(request)
 
 
 class SpanSender:
     """Writes file spans to the client: zero-copy ``loop.sendfile`` where the loop and transport allow it."""
 
-    def __init__(self, request: web.Request, resp: web.StreamResponse, fd: int) -> None:
+    def __init__(self, request: web.Request, resp: web.StreamResponse, fd: int, owns_fd: bool = True) -> None:
         self.request, self.resp, self.fd = request, resp, fd
-        self.file = os.fdopen(fd, "rb", buffering=0)  # owns the fd: close() closes it
+        self.file = os.fdopen(fd, "rb", buffering=0, closefd=owns_fd)  # close() closes the fd if owned
         transport = request.transport
         # sendfile writes raw bytes: not under TLS, and not into a chunked body (no length known)
         self.zero_copy = (transport is not None and transport.get_extra_info("sslcontext") is None
@@ -442,6 +458,8 @@ def _rewrite_link(request: web.Request, target: Target, link: str) -> str:
 async def handle_token(request: web.Request) -> web.StreamResponse:
     """Our token endpoint (passthrough): relay the client's credentials to the upstream realm."""
     ctx = request.app[CTX]
+    if "%" in request.raw_path.split("?", 1)[0]:  # one spelling only, as for /v2/ (no encoded aliases)
+        raise errors.NotFound("not found")
     name = request.match_info["upstream"]
     client = ctx.router.clients.get(name)
     if client is None or client.cfg.auth != "passthrough":

@@ -10,6 +10,7 @@ import asyncio
 import logging
 import multiprocessing
 import os
+import resource
 import shutil
 import signal
 import ssl
@@ -53,11 +54,24 @@ def serve(cfg: config_mod.Config, source: Source) -> int:
 
 def run_worker(cfg: config_mod.Config, reuse_port: bool, source: Source) -> int:
     log_mod.setup(cfg.log_level)
+    _raise_fd_limit()
     if cfg.server.event_loop == "uvloop":
         import uvloop
 
         return uvloop.run(_serve(cfg, reuse_port, source))
     return asyncio.run(_serve(cfg, reuse_port, source))
+
+
+def _raise_fd_limit() -> None:
+    """Use the whole descriptor allowance: clients, upstream connections and open hot files all take one
+    (the soft limit is often 1024 while the hard one is far higher)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        except (ValueError, OSError) as e:
+            log.warning("could not raise the open-file limit from %d: %s", soft, e)
 
 
 async def _serve(cfg: config_mod.Config, reuse_port: bool, source: Source) -> int:

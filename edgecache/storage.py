@@ -19,6 +19,7 @@ import fcntl
 import logging
 import os
 import uuid
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,6 +93,18 @@ class BlobStore:
             return self.path(digest).stat().st_size
         except FileNotFoundError:
             return None
+
+    def open_blob(self, digest: Digest) -> tuple[int, int] | None:
+        """Open a committed file for reading: (fd, size), or None when it is gone (evicted, purged)."""
+        try:
+            fd = os.open(self.path(digest), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        try:
+            return fd, os.fstat(fd).st_size
+        except OSError:
+            os.close(fd)
+            raise
 
     def read(self, digest: Digest) -> bytes | None:
         try:
@@ -182,3 +195,68 @@ class BlobStore:
 
     def usage(self) -> int:
         return sum(size for _, size in self.walk())
+
+
+class HotFiles:
+    """Open descriptors of recently served small blobs, like nginx's ``open_file_cache``.
+
+    A hit on a cached descriptor needs no open() and so no executor round trip, which costs more
+    than sending a small blob. Content is immutable, so a descriptor stays right for as long as it
+    is open, even after another process unlinks the file (it then reads the old, verified inode);
+    :meth:`sweep` closes such descriptors so their disk space is returned. Each request gets its
+    own ``dup`` of the descriptor: closing or evicting an entry never breaks a send in progress.
+    Only small files are kept (a big one's open is nothing next to its transfer, and an unlinked
+    big file must not hold its space for long). Non-blocking calls only: dup, close, fstat.
+    """
+
+    def __init__(self, capacity: int = 1024, max_file_size: int = 16 << 20) -> None:
+        self.capacity = capacity
+        self.max_file_size = max_file_size
+        self._fds: OrderedDict[str, tuple[int, int]] = OrderedDict()  # digest -> (fd, size)
+
+    def __len__(self) -> int:
+        return len(self._fds)
+
+    def dup(self, key: str) -> tuple[int, int] | None:
+        """A new descriptor (the caller closes it) and the size, or None when not kept here."""
+        found = self._fds.get(key)
+        if found is None:
+            return None
+        self._fds.move_to_end(key)
+        return os.dup(found[0]), found[1]
+
+    def offer(self, key: str, fd: int, size: int) -> int:
+        """Keep ``fd`` (which this object then owns) if it is small enough; returns the caller's fd."""
+        if size > self.max_file_size or self.capacity <= 0:
+            return fd
+        old = self._fds.pop(key, None)
+        if old is not None:
+            os.close(old[0])
+        self._fds[key] = (fd, size)
+        while len(self._fds) > self.capacity:
+            _, (old_fd, _size) = self._fds.popitem(last=False)
+            os.close(old_fd)
+        return os.dup(fd)
+
+    def forget(self, key: str) -> None:
+        found = self._fds.pop(key, None)
+        if found is not None:
+            os.close(found[0])
+
+    def sweep(self) -> int:
+        """Close descriptors whose file was unlinked (evicted or purged by any process); returns how many."""
+        gone = []
+        for key, (fd, _size) in self._fds.items():
+            try:
+                if os.fstat(fd).st_nlink == 0:
+                    gone.append(key)
+            except OSError:
+                gone.append(key)
+        for key in gone:
+            self.forget(key)
+        return len(gone)
+
+    def close(self) -> None:
+        while self._fds:
+            _, (fd, _size) = self._fds.popitem()
+            os.close(fd)

@@ -218,8 +218,9 @@ async def test_restart_serves_from_cache_without_upstream(edge_factory: EdgeFact
 
 async def test_blob_gone_from_disk_is_a_miss_not_a_404(edge_factory: EdgeFactory, tap: Tap, registry: RegistryProcess,
                                                        http: aiohttp.ClientSession) -> None:
-    """Another worker's eviction (or ``edgecache purge``) unlinks a file this process still believes cached:
-    the next request fetches it again (one upstream GET) instead of answering 404."""
+    """Another worker's eviction (or ``edgecache purge``) unlinks a file this process still believes cached.
+    A descriptor this process holds open keeps serving the verified bytes until the periodic sweep closes
+    it; after that the next request fetches the blob again (one upstream GET) instead of answering 404."""
     from edgecache.oci import Digest
 
     edge = await edge_factory(tap.url)
@@ -232,6 +233,12 @@ async def test_blob_gone_from_disk_is_a_miss_not_a_404(edge_factory: EdgeFactory
         assert r.status == 200 and r.headers["X-Cache"] == "HIT"
     tap.reset()
     store.path(Digest.parse(digest)).unlink()  # behind the app's back, as another worker's evictor does
+    async with http.get(url) as r:  # the open descriptor still reads the old (verified) inode
+        assert r.status == 200 and r.headers["X-Cache"] == "HIT" and await r.read() == registry.seeded.blobs[digest]
+    policy = edge.app[STATE].policy
+    assert policy is not None
+    assert policy.hot.sweep() == 1  # what the sweep task does every few seconds: the unlinked file is let go
+    assert tap.count() == 0
     async with http.head(url) as r:
         assert r.status == 200 and int(r.headers["Content-Length"]) == len(registry.seeded.blobs[digest])
     async with http.get(url) as r:

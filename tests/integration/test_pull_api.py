@@ -102,6 +102,24 @@ async def test_blobs_full_range_and_errors(edge_factory: EdgeFactory, tap: Tap, 
     async with http.head(url) as r:
         assert r.status == 200 and r.headers["X-Cache"] == "HIT"
     assert tap.count("HEAD", "blob", digest) == 1  # the cached HEAD never went upstream
+    # validators: the digest is the strong ETag of a cached blob
+    etag = f'"{digest}"'
+    async with http.get(url) as r:
+        assert r.headers["ETag"] == etag
+        await r.read()
+    async with http.get(url, headers={"If-None-Match": etag}) as r:
+        assert r.status == 304 and await r.read() == b"" and r.headers["ETag"] == etag
+    async with http.get(url, headers={"If-None-Match": '"sha256:other", W/' + etag}) as r:
+        assert r.status == 304
+    async with http.get(url, headers={"If-None-Match": '"sha256:other"'}) as r:
+        assert r.status == 200 and await r.read() == data
+    async with http.get(url, headers={"Range": "bytes=10-19", "If-Range": etag}) as r:
+        assert r.status == 206 and await r.read() == data[10:20]
+    async with http.get(url, headers={"Range": "bytes=10-19", "If-Range": '"sha256:other"'}) as r:
+        assert r.status == 200 and await r.read() == data  # the client holds something else: all of it
+    async with http.head(url, headers={"Range": "bytes=10-19"}) as r:
+        assert r.status == 206 and r.headers["Content-Length"] == "10"
+        assert r.headers["Content-Range"] == f"bytes 10-19/{n}"
 
 
 async def test_zero_byte_blob(edge_factory: EdgeFactory, tap: Tap, registry: RegistryProcess,

@@ -30,6 +30,7 @@ def test_precedence(tmp_path: Path) -> None:
     assert cfg.server.listen == ("127.0.0.1", 3)
     assert cfg.cache.dir == "/b"
     assert cfg.cache.max_size == 2**30
+    assert cfg.cache.open_files == 1024
 
 
 def test_upstream_flag() -> None:
@@ -41,6 +42,8 @@ def test_upstream_flag() -> None:
 @pytest.mark.parametrize("text,key", [
     ('version = 1\n[server]\nlisen = "x"\n', "lisen"),
     ('version = 1\n[cache]\nmax_size = "lots"\n', "cache.max_size"),
+    ('version = 1\n[cache]\nopen_files = -1\n', "cache.open_files"),
+    ('version = 1\n[cache]\nopen_files = "many"\n', "cache.open_files"),
     ('version = 1\n[upstreams.a]\nurl = "ftp://x"\n', "upstreams.a.url"),
     ('version = 1\n[upstreams.a]\nurl = "https://x"\nauth = "magic"\n', "upstreams.a.auth"),
     ('version = 1\n[upstreams.a]\nurl = "https://x"\nbogus = 1\n', "bogus"),

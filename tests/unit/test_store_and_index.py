@@ -12,7 +12,7 @@ from edgecache.metadata import Entry, Metadata, TagEntry
 from edgecache.metrics import Metrics
 from edgecache.oci import Digest
 from edgecache.pullthrough import Evictor
-from edgecache.storage import BlobStore, FillInfo
+from edgecache.storage import BlobStore, FillInfo, HotFiles
 from edgecache.tasks import TaskOwner
 
 
@@ -207,3 +207,38 @@ def test_write_verified_sizes(tmp_path: Path, size: int) -> None:
     data = os.urandom(size)
     d = Digest.of(data)
     assert store.write_verified(d, data) == size and store.read(d) == data
+
+
+def test_hot_files_hand_out_their_own_descriptors_and_let_go_of_unlinked_files(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path)
+    store.create_dirs()
+    digests = []
+    for i in range(4):
+        data = f"blob {i}".encode()
+        d = Digest.of(data)
+        store.write_verified(d, data)
+        digests.append(d)
+    assert store.open_blob(Digest.of(b"never stored")) is None
+    hot = HotFiles(capacity=2, max_file_size=100)
+    for d in digests[:3]:
+        opened = store.open_blob(d)
+        assert opened is not None
+        mine = hot.offer(str(d), *opened)
+        assert mine != opened[0]  # the cache keeps the original; the caller gets a duplicate
+        assert os.pread(mine, 100, 0) == f"blob {digests.index(d)}".encode()
+        os.close(mine)
+    assert len(hot) == 2 and hot.dup(str(digests[0])) is None  # capacity: the least recently used went
+    got = hot.dup(str(digests[1]))
+    assert got is not None and got[1] == len(b"blob 1")
+    store.remove(digests[1])  # another process evicts it while a send holds a duplicate
+    assert os.pread(got[0], 100, 0) == b"blob 1"  # an open descriptor reads the verified inode
+    assert hot.sweep() == 1 and hot.dup(str(digests[1])) is None  # the unlinked file is let go
+    assert os.pread(got[0], 100, 0) == b"blob 1"  # ... without breaking the send in progress
+    os.close(got[0])
+    big = store.open_blob(digests[3])
+    assert big is not None
+    assert HotFiles(capacity=2, max_file_size=3).offer(str(digests[3]), *big) == big[0]  # too big: not kept
+    os.close(big[0])
+    before = len(os.listdir("/proc/self/fd"))
+    hot.close()
+    assert len(hot) == 0 and len(os.listdir("/proc/self/fd")) == before - 1

@@ -420,6 +420,11 @@ class PullThrough:
     async def blob(self, target: Target, digest: Digest, head: bool) -> BlobResult:
         key = str(digest)
         self.blocklist.check(key)
+        flight = self.flights.get(key)
+        if flight is not None and not head and not self.flights.spilled(key):
+            # A download in progress here: attach at once (a cold storm's requests skip the index lookup,
+            # which waits behind the index thread, busy with the download's own bookkeeping).
+            return await self._follow(target, flight, digest)
         entry = await self.metadata.get_entry(key)
         if entry is not None:
             try:

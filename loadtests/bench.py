@@ -104,14 +104,30 @@ def curl_best(urls: list[str], reps: int, insecure: bool = False) -> dict[str, A
 
 
 def storm(url: str, n: int, size: int, digest: str, timeout: float = 300) -> dict[str, Any]:
-    """n clients at once, each piping the body into sha256sum: TTFB, total time, digest of every body."""
+    """n clients at once, each piping the body into sha256sum: TTFB, total time, digest of every body.
+
+    The clients are started first and released together: each is ``curl -K -`` waiting for its URL
+    on stdin, already piped into its sha256sum. Spawning 96 processes (bash, curl, sha256sum) inside
+    the measured window would load the 2 cores for the first ~200 ms and time the start-ups, not the
+    servers (that variant gave every server a TTFB p50 several times higher, edgecache most of all,
+    since its first answer needs the upstream too).
+    """
     fmt = "%{stderr}%{http_code} %{time_starttransfer} %{time_total} %{size_download}\\n"
-    script = f"set -o pipefail; curl -sS -w '{fmt}' {shlex.quote(url)} | sha256sum"
+    script = f"set -o pipefail; curl -sS -K - -w '{fmt}' | sha256sum"
+    procs = [subprocess.Popen(["bash", "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE) for _ in range(n)]
+    time.sleep(1.0)  # every curl is up and blocked reading its config
+    config = f'url = "{url}"\n'.encode()
     t0 = time.monotonic()
-    procs = [subprocess.Popen(["bash", "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(n)]
+    for p in procs:
+        assert p.stdin is not None
+        p.stdin.write(config)
+        p.stdin.close()
     results = []
     for p in procs:
-        out, err = p.communicate(timeout=timeout)
+        assert p.stdout is not None and p.stderr is not None
+        out, err = p.stdout.read(), p.stderr.read()  # a line each: no pipe fills up
+        p.wait(timeout=timeout)
         results.append((p.returncode, out.decode().split()[0] if out.strip() else "", err.decode().strip()))
     total = time.monotonic() - t0
     ttfb, bad = [], []

@@ -69,6 +69,12 @@ class Metadata:
         self._lookups: dict[str, asyncio.Future[Any]] = {}
         self._dropped: set[str] = set()  # evicted here, even if the index write failed (disk full)
         self.is_open = False
+        self.generation = 0  # bumped by purge: answers remembered before it are void
+
+    @property
+    def shared_tags(self) -> bool:
+        """Tags are resolved region-wide (Redis): another instance may move one at any moment."""
+        return self._shared_tags is not None
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
@@ -298,6 +304,7 @@ class Metadata:
 
     async def purge(self, prefix: str) -> int:
         """Drop tag, negative, link and visibility records whose key starts with ``prefix`` (after the kind)."""
+        self.generation += 1
         self._links.clear()
         self._tag_front.clear()
         n = 0

@@ -37,11 +37,13 @@ class Blocklist:
         self._checked = float("-inf")
         self._clock = clock
         self._every = check_every
+        self.generation = 0  # bumped by every reload: answers memoised before it are void
 
     def reload(self) -> None:
         """Re-read the file now (SIGHUP); a missing file is an empty list, a bad line is logged and skipped."""
         if self.path is None:
             return
+        self.generation += 1
         try:
             st = os.stat(self.path)
             with open(self.path, encoding="utf-8") as f:
@@ -61,7 +63,8 @@ class Blocklist:
         self._digests, self._mtime = frozenset(good), st.st_mtime
         log.info("blocklist %s: %d digests", self.path, len(good))
 
-    def _maybe_reload(self) -> None:
+    def maybe_reload(self) -> None:
+        """Re-read the file if it changed (looked at once per ``check_every`` seconds)."""
         now = self._clock()
         if self.path is None or now - self._checked < self._every:
             return
@@ -75,7 +78,7 @@ class Blocklist:
 
     def check(self, *digests: str) -> None:
         """Raise DENIED if any of ``digests`` (a manifest and the indexes it was reached through) is blocked."""
-        self._maybe_reload()
+        self.maybe_reload()
         for d in digests:
             if d in self._digests:
                 raise errors.Denied(f"digest {d} is blocked by the blocklist", detail={"rule": "blocklist", "digest": d})

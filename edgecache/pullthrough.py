@@ -13,6 +13,7 @@ import errno
 import fnmatch
 import hashlib
 import logging
+import math
 import os
 import time
 from collections import OrderedDict
@@ -74,6 +75,11 @@ class ManifestResult:
     media_type: str
     data: bytes
     outcome: Outcome
+    fresh_until: float = math.inf  # (policy clock) a tag answer holds until then; by digest: forever
+
+    def fresh_for(self, now: float) -> float:
+        """Seconds this answer stays right without asking anyone (0: not at all)."""
+        return max(0.0, self.fresh_until - now) if self.outcome is Outcome.HIT else 0.0
 
 
 @dataclass(slots=True)
@@ -327,6 +333,17 @@ class PullThrough:
                                             f"its digest", detail={"expected": str(wanted), "actual": str(actual)})
         return actual
 
+    @property
+    def generation(self) -> int:
+        """Changes whenever an answer may change without its TTL running out (blocklist reload, purge)."""
+        self.blocklist.maybe_reload()  # replayed answers skip check(): look at the file on its schedule
+        return self.blocklist.generation + self.metadata.generation
+
+    def memoisable(self, target: Target) -> bool:
+        """May the edge replay a HIT answer for ``target`` for a moment without asking this policy?
+        Not where access is decided per credential (passthrough) or a scanner gives verdicts."""
+        return target.cfg.auth != "passthrough" and target.upstream.name not in self.scanners
+
     def _tag_key(self, target: Target, tag: str, accept: str) -> str:
         return f"{target.upstream.name}|{target.repo}|{tag}|{oci.accept_key(accept)}"
 
@@ -343,7 +360,9 @@ class PullThrough:
             cached = await self._cached_manifest(entry.digest)
             if cached is not None:
                 await self.authorize_cached(target, oci.Kind.MANIFEST, entry.digest, accept)
-                return ManifestResult(entry.digest, cached[1], cached[0], Outcome.HIT)
+                # Shared (Redis) tags can be moved by another instance at any moment: never replayed.
+                fresh_until = now if self.metadata.shared_tags else math.inf if pinned else entry.fetched_at + ttl
+                return ManifestResult(entry.digest, cached[1], cached[0], Outcome.HIT, fresh_until)
             # Fresh answer (shared via Redis, or evicted here): fetch that digest, never re-ask the tag,
             # so every instance serves the digest the region agreed on.
             return await self._manifest_by_digest(target, Digest.parse(entry.digest), accept)

@@ -11,7 +11,9 @@ import asyncio
 import fnmatch
 import os
 import re
+import time
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode
 
@@ -32,6 +34,56 @@ SPAN_READ = 1 << 20
 API_VERSION = {"Docker-Distribution-API-Version": "registry/2.0"}
 
 
+MEMO_SECONDS = 1.0
+
+
+@dataclass(slots=True)
+class Answer:
+    """A cached manifest's whole answer, as the policy last decided it."""
+
+    expires: float  # time.monotonic()
+    fresh_until: float  # the policy's clock (tests move it; a wall-clock jump must not stretch an answer)
+    generation: int  # the policy's, when decided (a blocklist reload or a purge voids the answer)
+    headers: dict[str, str]
+    body: bytes
+    digest: str
+    upstream: str
+    repository: str
+
+
+class AnswerMemo:
+    """Manifest HIT answers replayed for at most ``MEMO_SECONDS`` without asking the policy again.
+
+    The same manifest is asked for thousands of times a second in a rollout; the policy's answer
+    (routing, allow/deny, blocklist, cache entry, tag freshness) cannot change within a second
+    except by a blocklist reload or a purge (the policy's generation voids older answers) or a
+    config reload (a new router, a new memo). Region-wide (Redis) tags are never replayed. The key is everything the answer depends on: the raw path with its query
+    (name, reference, ``ns``), the Accept list and the Authorization header. Never used where access
+    is decided per credential (passthrough) or by a scanner (:meth:`PullThrough.memoisable`).
+    """
+
+    def __init__(self, capacity: int = 4096) -> None:
+        self.capacity = capacity
+        self._answers: dict[tuple[str, str, str], Answer] = {}
+
+    def __len__(self) -> int:
+        return len(self._answers)
+
+    def get(self, key: tuple[str, str, str], now: float, policy_now: float, generation: int) -> Answer | None:
+        answer = self._answers.get(key)
+        if answer is None:
+            return None
+        if answer.expires <= now or answer.fresh_until <= policy_now or answer.generation != generation:
+            del self._answers[key]
+            return None
+        return answer
+
+    def put(self, key: tuple[str, str, str], answer: Answer) -> None:
+        if len(self._answers) >= self.capacity:
+            self._answers.clear()
+        self._answers[key] = answer
+
+
 class Router:
     """Chooses the upstream: ``?ns=``, then a path prefix, then the default (DESIGN §2 Routing)."""
 
@@ -41,6 +93,7 @@ class Router:
         self.by_prefix = {c.cfg.prefix: c for c in clients.values() if c.cfg.prefix}
         self.default = next((c for c in clients.values() if c.cfg.default), None)
         self._memo: dict[tuple[str | None, str], tuple[UpstreamClient, str]] = {}
+        self.answers = AnswerMemo()  # a new routing table (config reload) starts with none
 
     def resolve(self, ns: str | None, name: str) -> tuple[UpstreamClient, str]:
         """:meth:`upstream_for` plus the allow/deny rules; answers that pass are memoised (a router is
@@ -129,9 +182,15 @@ async def handle_v2(request: web.Request) -> web.StreamResponse:
     ctx = request.app[CTX]
     if api.kind is oci.Kind.BASE:
         return await _base(request, ctx)
-    target = target_for(request, ctx.router, api)
     if api.kind is oci.Kind.MANIFEST:
-        return await _manifest(request, ctx.policy, target, api)
+        key = (request.raw_path, ",".join(request.headers.getall("Accept", ())), request.headers.get("Authorization", ""))
+        policy = ctx.policy
+        answer = ctx.router.answers.get(key, time.monotonic(), policy.clock(), policy.generation)
+        if answer is not None:
+            return _replay(request, ctx, answer)
+        target = target_for(request, ctx.router, api)
+        return await _manifest(request, ctx.policy, target, api, key)
+    target = target_for(request, ctx.router, api)
     if api.kind is oci.Kind.BLOB:
         assert api.digest is not None
         return await _blob(request, ctx.policy, target, api.digest)
@@ -155,9 +214,11 @@ async def _base(request: web.Request, ctx: "EdgeContext") -> web.StreamResponse:
     return web.json_response({}, headers=headers)
 
 
-async def _manifest(request: web.Request, policy: PullThrough, target: Target, api: oci.ApiPath) -> web.StreamResponse:
+async def _manifest(request: web.Request, policy: PullThrough, target: Target, api: oci.ApiPath,
+                    key: tuple[str, str, str]) -> web.StreamResponse:
     assert api.reference is not None
-    accept = ",".join(request.headers.getall("Accept", []))
+    accept = key[1]
+    generation = policy.generation
     result = await policy.manifest(target, api.reference, accept)
     if api.reference.tag is not None and not oci.accepts(oci.accept_key(accept), result.media_type):
         raise errors.ManifestUnknown("manifest unknown: no stored media type is acceptable",
@@ -167,10 +228,30 @@ async def _manifest(request: web.Request, policy: PullThrough, target: Target, a
     info(request).bytes = 0 if request.method == "HEAD" else len(result.data)
     ctx = request.app[CTX]
     ctx.count_bytes("cache" if result.outcome is Outcome.HIT else "upstream", info(request).bytes)
+    now = policy.clock()
+    fresh_for = min(MEMO_SECONDS, result.fresh_for(now))
+    if fresh_for > 0 and policy.memoisable(target):
+        ctx.router.answers.put(key, Answer(time.monotonic() + fresh_for, now + fresh_for, generation, dict(headers),
+                                           result.data, result.digest, target.upstream.name, target.repo))
     if request.method == "HEAD":
         headers["Content-Length"] = str(len(result.data))
         return web.Response(status=200, headers=headers)
     return web.Response(status=200, body=result.data, headers=headers)
+
+
+def _replay(request: web.Request, ctx: "EdgeContext", answer: Answer) -> web.StreamResponse:
+    """A memoised manifest answer: the same headers and bytes, counted and logged like any hit."""
+    ri = info(request)
+    ri.upstream, ri.repository, ri.cache = answer.upstream, answer.repository, Outcome.HIT.value
+    metadata = ctx.policy.metadata
+    metadata.count("hit")
+    metadata.touch(answer.digest)  # LRU order
+    if request.method == "HEAD":
+        ri.bytes = 0
+        return web.Response(status=200, headers={**answer.headers, "Content-Length": str(len(answer.body))})
+    ri.bytes = len(answer.body)
+    ctx.count_bytes("cache", ri.bytes)
+    return web.Response(status=200, body=answer.body, headers=answer.headers)
 
 
 async def _blob(request: web.Request, policy: PullThrough, target: Target, digest: oci.Digest) -> web.StreamResponse:

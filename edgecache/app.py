@@ -163,7 +163,10 @@ async def _flush_metrics(metrics: Metrics) -> None:
     try:
         while True:
             await asyncio.sleep(FLUSH_SECONDS)
-            metrics.flush()
+            try:
+                metrics.flush()
+            except Exception:  # e.g. the multiprocess directory went away: keep serving, keep trying
+                log.exception("flushing metrics failed")
     finally:
         metrics.flush()
 

@@ -335,7 +335,8 @@ class PullThrough:
 
     @property
     def generation(self) -> int:
-        """Changes whenever an answer may change without its TTL running out (blocklist reload, purge)."""
+        """Changes whenever an answer may change without its TTL running out: a blocklist reload, a purge
+        in this process (``edgecache purge`` runs in its own; replayed answers live a second at most)."""
         self.blocklist.maybe_reload()  # replayed answers skip check(): look at the file on its schedule
         return self.blocklist.generation + self.metadata.generation
 

@@ -20,6 +20,7 @@ from urllib.parse import urlencode
 from aiohttp import web
 
 from . import errors, oci
+from .log import request_id
 from .requestinfo import info
 from .collapse import FlightFailed
 from .pullthrough import BlobResult, Outcome, PullThrough, Target
@@ -51,37 +52,55 @@ class Answer:
     repository: str
 
 
+MemoKey = tuple[oci.ApiPath, "str | None", str, str]  # path (name, reference), ns, Accept, Authorization
+
+
 class AnswerMemo:
     """Manifest HIT answers replayed for at most ``MEMO_SECONDS`` without asking the policy again.
 
     The same manifest is asked for thousands of times a second in a rollout; the policy's answer
     (routing, allow/deny, blocklist, cache entry, tag freshness) cannot change within a second
-    except by a blocklist reload or a purge (the policy's generation voids older answers) or a
-    config reload (a new router, a new memo). Region-wide (Redis) tags are never replayed. The key is everything the answer depends on: the raw path with its query
-    (name, reference, ``ns``), the Accept list and the Authorization header. Never used where access
-    is decided per credential (passthrough) or by a scanner (:meth:`PullThrough.memoisable`).
+    except by a blocklist reload or a purge in this process (the policy's generation voids older
+    answers) or a config reload (a new router, a new memo; a request decided under the old one
+    stores its answer there, never in the new one). Region-wide (Redis) tags are never replayed.
+    The key is everything the answer depends on: the parsed path (name with any prefix, reference),
+    ``ns``, the Accept list and the Authorization header. Never used where access is decided per
+    credential (passthrough) or by a scanner (:meth:`PullThrough.memoisable`). Memory is bounded
+    by entry count and by the bytes of the bodies held (small documents only).
     """
 
-    def __init__(self, capacity: int = 4096) -> None:
-        self.capacity = capacity
-        self._answers: dict[tuple[str, str, str], Answer] = {}
+    MAX_BODY = 256 << 10
+
+    def __init__(self, capacity: int = 4096, max_bytes: int = 32 << 20) -> None:
+        self.capacity, self.max_bytes = capacity, max_bytes
+        self._answers: dict[MemoKey, Answer] = {}
+        self._bytes = 0
 
     def __len__(self) -> int:
         return len(self._answers)
 
-    def get(self, key: tuple[str, str, str], now: float, policy_now: float, generation: int) -> Answer | None:
+    def get(self, key: MemoKey, now: float, policy_now: float, generation: int) -> Answer | None:
         answer = self._answers.get(key)
         if answer is None:
             return None
         if answer.expires <= now or answer.fresh_until <= policy_now or answer.generation != generation:
             del self._answers[key]
+            self._bytes -= len(answer.body)
             return None
         return answer
 
-    def put(self, key: tuple[str, str, str], answer: Answer) -> None:
-        if len(self._answers) >= self.capacity:
-            self._answers.clear()
+    def put(self, key: MemoKey, answer: Answer) -> None:
+        size = len(answer.body)
+        if size > self.MAX_BODY:
+            return
+        old = self._answers.pop(key, None)
+        if old is not None:
+            self._bytes -= len(old.body)
+        if len(self._answers) >= self.capacity or self._bytes + size > self.max_bytes:
+            self._answers.clear()  # every entry lives a second at most: starting over costs little
+            self._bytes = 0
         self._answers[key] = answer
+        self._bytes += size
 
 
 class Router:
@@ -167,7 +186,8 @@ def check_policy(client: UpstreamClient, repo: str) -> None:
 def _common_headers(request: web.Request, target: Target, outcome: Outcome) -> dict[str, str]:
     info(request).cache = outcome.value
     request.app[CTX].policy.metadata.count(outcome.value.lower())
-    h = {"X-Cache": outcome.value, **API_VERSION}
+    # Streamed answers send their headers inside the handler, before the edge wrapper sees them.
+    h = {"X-Cache": outcome.value, "X-Request-Id": request_id.get(), **API_VERSION}
     if target.cfg.namespaces:
         h["OCI-Namespace"] = target.cfg.namespaces[0]
     return h
@@ -182,15 +202,17 @@ async def handle_v2(request: web.Request) -> web.StreamResponse:
     ctx = request.app[CTX]
     if api.kind is oci.Kind.BASE:
         return await _base(request, ctx)
+    router = ctx.router  # one routing table for the whole request, even across a reload
     if api.kind is oci.Kind.MANIFEST:
-        key = (request.raw_path, ",".join(request.headers.getall("Accept", ())), request.headers.get("Authorization", ""))
+        key: MemoKey = (api, request.query.get("ns") if request.query_string else None,
+                        ",".join(request.headers.getall("Accept", ())), request.headers.get("Authorization", ""))
         policy = ctx.policy
-        answer = ctx.router.answers.get(key, time.monotonic(), policy.clock(), policy.generation)
+        answer = router.answers.get(key, time.monotonic(), policy.clock(), policy.generation)
         if answer is not None:
             return _replay(request, ctx, answer)
-        target = target_for(request, ctx.router, api)
-        return await _manifest(request, ctx.policy, target, api, key)
-    target = target_for(request, ctx.router, api)
+        target = target_for(request, router, api)
+        return await _manifest(request, policy, router, target, api, key)
+    target = target_for(request, router, api)
     if api.kind is oci.Kind.BLOB:
         assert api.digest is not None
         return await _blob(request, ctx.policy, target, api.digest)
@@ -214,10 +236,10 @@ async def _base(request: web.Request, ctx: "EdgeContext") -> web.StreamResponse:
     return web.json_response({}, headers=headers)
 
 
-async def _manifest(request: web.Request, policy: PullThrough, target: Target, api: oci.ApiPath,
-                    key: tuple[str, str, str]) -> web.StreamResponse:
+async def _manifest(request: web.Request, policy: PullThrough, router: Router, target: Target, api: oci.ApiPath,
+                    key: MemoKey) -> web.StreamResponse:
     assert api.reference is not None
-    accept = key[1]
+    accept = key[2]
     generation = policy.generation
     result = await policy.manifest(target, api.reference, accept)
     if api.reference.tag is not None and not oci.accepts(oci.accept_key(accept), result.media_type):
@@ -231,7 +253,7 @@ async def _manifest(request: web.Request, policy: PullThrough, target: Target, a
     now = policy.clock()
     fresh_for = min(MEMO_SECONDS, result.fresh_for(now))
     if fresh_for > 0 and policy.memoisable(target):
-        ctx.router.answers.put(key, Answer(time.monotonic() + fresh_for, now + fresh_for, generation, dict(headers),
+        router.answers.put(key, Answer(time.monotonic() + fresh_for, now + fresh_for, generation, dict(headers),
                                            result.data, result.digest, target.upstream.name, target.repo))
     if request.method == "HEAD":
         headers["Content-Length"] = str(len(result.data))
@@ -641,11 +663,11 @@ def add_routes(app: web.Application, wrap: Wrap) -> None:
     """
     v2 = wrap(handle_v2, "/v2/invalid", None)  # methods: handle_v2 answers the pull API's own error
     app.router.add_route("*", "/v2", v2)
-    app.router.add_route("*", "/v2/{tail:.*}", v2)
+    app.router.add_route("*", r"/v2/{tail:[\s\S]*}", v2)  # [\s\S]: a decoded %0A must not slip past
     app.router.add_route("*", "/_edgecache/token/{upstream}",
                          wrap(handle_token, "/_edgecache/token/{upstream}", ("GET", "POST")))
     app.router.add_route("*", "/healthz", wrap(handle_healthz, "/healthz", _READ))
     app.router.add_route("*", "/readyz", wrap(handle_readyz, "/readyz", _READ))
     app.router.add_route("*", "/metrics", wrap(handle_metrics, "/metrics", _READ))
-    app.router.add_route("*", "/{tail:.*}", wrap(handle_unmatched, "unmatched", None))
+    app.router.add_route("*", r"/{tail:[\s\S]*}", wrap(handle_unmatched, "unmatched", None))
 

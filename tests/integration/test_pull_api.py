@@ -77,8 +77,9 @@ async def test_blobs_full_range_and_errors(edge_factory: EdgeFactory, tap: Tap, 
     async with http.head(url) as r:  # uncached HEAD: size from upstream, no body
         assert r.status == 200 and r.headers["Content-Length"] == str(len(data))
     for _ in range(2):  # miss (streamed while it downloads), then hit (sendfile)
-        async with http.get(url) as r:
+        async with http.get(url, headers={"X-Request-Id": "trace42"}) as r:
             assert r.status == 200
+            assert r.headers["X-Request-Id"] == "trace42"  # streamed answers carry it too
             assert r.headers["Docker-Content-Digest"] == digest
             assert r.headers["Content-Length"] == str(len(data))
             assert hashlib.sha256(await r.read()).hexdigest() == digest.split(":")[1]

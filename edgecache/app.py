@@ -114,6 +114,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         return await _readiness(state, store)
 
     def refresh() -> None:
+        metrics.open_blob_files.set(len(hot))
         for c in clients.values():
             if c.ratelimit_remaining is not None:
                 metrics.ratelimit_remaining.labels(c.name).set(c.ratelimit_remaining)
@@ -125,7 +126,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         tasks.spawn(replicator.run_forever(item), f"replicate:{i}")
     tasks.spawn(_flush_touches(metadata), "flush-touches")
     tasks.spawn(_flush_metrics(metrics), "flush-metrics")
-    tasks.spawn(_sweep_hot_files(hot), "sweep-hot-files")
+    tasks.spawn(_sweep_hot_files(hot, metrics), "sweep-hot-files")
     tasks.spawn(evictor.evict(0), "evict-startup")
     log.info("edgecache ready: cache %s, %d upstreams", cache_dir, len(clients))
     try:
@@ -171,11 +172,12 @@ async def _flush_metrics(metrics: Metrics) -> None:
         metrics.flush()
 
 
-async def _sweep_hot_files(hot: HotFiles) -> None:
+async def _sweep_hot_files(hot: HotFiles, metrics: Metrics) -> None:
     """Return the space of files unlinked by other processes (eviction, purge) that we still hold open."""
     while True:
         await asyncio.sleep(HOT_FILES_SWEEP_SECONDS)
         hot.sweep()
+        metrics.open_blob_files.set(len(hot))  # with workers, each one's share of the summed gauge
 
 
 async def _flush_touches(metadata: Metadata) -> None:

@@ -52,6 +52,9 @@ class Metrics:
                              multiprocess_mode="livesum")
         self.cache_bytes = Gauge("edgecache_cache_bytes", "Bytes stored in the cache", registry=r,
                                  multiprocess_mode="max")
+        self.open_blob_files = Gauge("edgecache_open_blob_files",
+                                     "Descriptors of hot blobs kept open (cache.open_files)", registry=r,
+                                     multiprocess_mode="livesum")
         self.evictions = Counter("edgecache_cache_evictions", "Entries evicted by LRU", registry=r)
         self.evicted_bytes = Counter("edgecache_cache_evicted_bytes", "Bytes evicted by LRU", registry=r)
         self.ratelimit_remaining = Gauge("edgecache_upstream_ratelimit_remaining",

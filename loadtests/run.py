@@ -271,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
             "edge_peak_rss_mib": round(peak / MiB, 1),
             "edge_rss_mib_start": round(start_rss_fds[0] / MiB, 1), "edge_rss_mib_end": round(end_rss_fds[0] / MiB, 1),
             "edge_fds_start": start_rss_fds[1], "edge_fds_end": end_rss_fds[1],
+            "edge_hot_fds_end": msum("edgecache_open_blob_files"),
             "locust_exit": proc.returncode, "faults": faults.events if faults else [],
             "tag_moves": faults.tag_moves if faults else 0,
         }
@@ -325,7 +326,8 @@ def print_summary(s: dict[str, Any], stats: dict[str, Any]) -> None:
     print(f"bytes from upstream: {s['upstream_mib']} MiB; served: {s['served_mib_cache']} MiB from cache, "
           f"{s['served_mib_upstream']} MiB while filling")
     print(f"edgecache RSS:   peak {s['edge_peak_rss_mib']} MiB (start {s['edge_rss_mib_start']}, end {s['edge_rss_mib_end']})"
-          f"; open fds start {s['edge_fds_start']}, end {s['edge_fds_end']}")
+          f"; open fds start {s['edge_fds_start']}, end {s['edge_fds_end']} (of which {s['edge_hot_fds_end']:.0f} "
+          f"hot blob descriptors, bounded by cache.open_files)")
     if s["tag_moves"]:
         print(f"tag moves:       {s['tag_moves']}")
     for e in s["faults"]:

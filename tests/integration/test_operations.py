@@ -65,6 +65,7 @@ async def test_metrics_count_exactly(edge_factory: EdgeFactory, tap: Tap, regist
     assert sample(text, "edgecache_upstream_requests_total", upstream="up", method="GET") == tap.count("GET")
     assert sample(text, "edgecache_upstream_bytes_total", upstream="up") == blob_len
     assert sample(text, "edgecache_flights_in_progress") == 0
+    assert sample(text, "edgecache_open_blob_files") == 1  # the blob's hit kept its descriptor (8 MiB: small)
     assert "nope" not in text and "team/big" not in text  # route patterns, never raw paths
 
 

@@ -24,7 +24,8 @@ from .log import quiet_parse_errors
 from .middleware import PUBLIC_URL, Htpasswd, make_edge
 from .oci import MANIFEST_TYPES, MAX_MANIFEST_BYTES, OCTET_STREAM, Digest
 from .policy import Blocklist, Scanner
-from .pullthrough import Evictor, PullThrough
+from .evictor import Evictor
+from .pullthrough import PullThrough
 from .replicate import Replicator
 from .storage import BlobStore, HotFiles
 from .tasks import TaskOwner

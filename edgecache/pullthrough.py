@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import errno
 import fnmatch
 import hashlib
 import logging
@@ -19,16 +18,17 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, TypeVar
 
 import orjson
 from aiocache import BaseCache
 
 from . import errors, oci
-from .collapse import Flight, Flights, RemoteFlight, SingleFlight, Source, State
+from .collapse import Flight, Flights, RemoteFlight, SingleFlight, Source
 from .config import UpstreamConfig
-from .metadata import Entry, Metadata, TagEntry
+from .evictor import Evictor
+from .fill import Tee
+from .metadata import Metadata, TagEntry
 from .metrics import Metrics
 from .oci import Digest
 from .policy import Blocklist, Scanner
@@ -38,7 +38,6 @@ from .upstream import Credential, UpstreamClient, UpstreamResponse
 log = logging.getLogger("edgecache.pullthrough")
 T = TypeVar("T")
 
-CHUNK_WRITE = 1 << 20
 MAX_RESUMES = 3
 # A Range that starts this far past the download position is fetched directly.
 DIRECT_RANGE_GAP = 64 << 20
@@ -133,7 +132,7 @@ class PullThrough:
     """The policy over a local store and remote upstreams."""
 
     def __init__(self, store: BlobStore, metadata: Metadata, flights: Flights, access: BaseCache,
-                 metrics: Metrics, evictor: "Evictor", clock: Callable[[], float] = time.time,
+                 metrics: Metrics, evictor: Evictor, clock: Callable[[], float] = time.time,
                  hot: HotFiles | None = None) -> None:
         self.store = store
         self.hot = hot if hot is not None else evictor.hot
@@ -783,146 +782,13 @@ class PullThrough:
     async def _copy(self, flight: Flight, target: Target, resp: UpstreamResponse, fd: int,
                     hasher: "hashlib._Hash") -> None:
         counter = self.metrics.upstream_bytes.labels(target.upstream.name)
-        tee = _Tee(fd, hasher, flight, self.evictor.free)
+        tee = Tee(fd, hasher, flight, self.evictor.free)
         try:
             async for chunk in resp.iter_chunks():
                 counter.inc(len(chunk))
                 await tee.feed(chunk)
         finally:
             await tee.drain()
-
-
-class DiskFull(Exception):
-    """The cache filesystem is full (ENOSPC/EDQUOT) after ``written`` bytes of a write."""
-
-    def __init__(self, written: int) -> None:
-        super().__init__(f"cache disk full after {written} bytes")
-        self.written = written
-
-
-class _Tee:
-    """Writes and hashes the body in a thread while the loop keeps reading the socket.
-
-    One write is in flight at a time (so the hash sees bytes in order); whatever arrives meanwhile
-    is written next, as one piece. Readers are told about bytes only once they are in the file.
-    When the disk fills up: evict, retry once, and if it is still full keep the rest in memory
-    (bounded) so the readers already attached get their download straight through, uncached.
-    """
-
-    MAX_BUFFER = 8 << 20  # past this, reading waits for the disk (memory stays bounded)
-    MAX_SPILL = 256 << 20  # disk full: at most this much of a blob is held in memory
-
-    def __init__(self, fd: int, hasher: "hashlib._Hash", flight: Flight,
-                 free_space: Callable[[int], Awaitable[int]]) -> None:
-        self.fd, self.hasher, self.flight = fd, hasher, flight
-        self.free_space = free_space
-        self.buf: list[bytes] = []
-        self.buffered = 0
-        self.pending: asyncio.Future[None] | None = None
-        self.error: BaseException | None = None
-        self.unwritten: bytes | None = None  # the rest of a write that hit a full disk
-
-    async def feed(self, chunk: bytes) -> None:
-        if self.error is not None:  # a write failed (EIO...): stop reading instead of buffering the rest
-            raise self.error
-        if self.flight.spilled_at is not None:
-            self._to_memory(chunk)
-            return
-        self.buf.append(chunk)
-        self.buffered += len(chunk)
-        if self.unwritten is not None:
-            await self._recover()
-        elif self.pending is None:
-            self._submit()
-        elif self.buffered > self.MAX_BUFFER:
-            await self._wait_pending()
-
-    def _to_memory(self, data: bytes) -> None:
-        if self.flight.memory_bytes + len(data) > self.MAX_SPILL:
-            raise errors.ServiceUnavailable("cache disk full and the blob is too large to pass through from memory")
-        self.hasher.update(data)
-        self.flight.append_memory(data)
-
-    def _submit(self) -> None:
-        if self.error is not None or not self.buf or self.unwritten is not None:
-            return
-        data = b"".join(self.buf) if len(self.buf) > 1 else self.buf[0]
-        self.buf.clear()
-        self.buffered = 0
-        fut = asyncio.get_running_loop().run_in_executor(None, _write_all, self.fd, data, self.hasher)
-        self.pending = fut
-        fut.add_done_callback(lambda f: self._written(f, data))
-
-    def _written(self, fut: "asyncio.Future[None]", data: bytes) -> None:
-        self.pending = None
-        exc = None if fut.cancelled() else fut.exception()
-        if isinstance(exc, DiskFull):
-            self.flight.advance(exc.written)
-            self.unwritten = data[exc.written:]
-            return
-        if fut.cancelled() or exc is not None:
-            self.error = exc or asyncio.CancelledError()
-            return
-        self.flight.advance(len(data))
-        self._submit()  # the bytes that arrived meanwhile, even if the upstream now stalls
-
-    async def _recover(self) -> None:
-        """Disk full: free space and retry once; else spill the rest to memory."""
-        assert self.unwritten is not None
-        data, self.unwritten = self.unwritten + b"".join(self.buf), None
-        self.buf.clear()
-        self.buffered = 0
-        remaining = (self.flight.size or 0) - self.flight.written
-        freed = await self.free_space(max(remaining, len(data)))
-        log.warning("cache disk full: evicted %d bytes for %s", freed, self.flight.key)
-        try:
-            await asyncio.get_running_loop().run_in_executor(None, _write_all, self.fd, data, self.hasher)
-            self.flight.advance(len(data))
-        except DiskFull as e:
-            self.flight.advance(e.written)
-            self.flight.spill()
-            log.warning("cache disk still full: %s is served straight through from memory, not cached",
-                        self.flight.key)
-            self._to_memory(data[e.written:])
-
-    async def _wait_pending(self) -> None:
-        while self.pending is not None:
-            try:
-                await asyncio.shield(self.pending)
-            except Exception:
-                pass  # recorded by _written
-            await asyncio.sleep(0)  # let the done callback run
-        if self.error is not None:
-            raise self.error
-
-    async def drain(self) -> None:
-        """Wait until every byte fed is written (or raise the write error)."""
-        await self._wait_pending()
-        if self.unwritten is not None:
-            await self._recover()
-        if self.buf and self.flight.spilled_at is None:
-            self._submit()
-            await self._wait_pending()
-            if self.unwritten is not None:
-                await self._recover()
-        elif self.buf:
-            for chunk in self.buf:
-                self._to_memory(chunk)
-            self.buf.clear()
-
-
-def _write_all(fd: int, data: bytes, hasher: "hashlib._Hash") -> None:
-    view = memoryview(data)
-    done = 0
-    try:
-        while done < len(data):
-            done += os.write(fd, view[done:])
-    except OSError as e:
-        hasher.update(view[:done])
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise DiskFull(done) from e
-        raise
-    hasher.update(data)
 
 
 def _maybe_digest(text: str | None) -> Digest | None:
@@ -932,74 +798,3 @@ def _maybe_digest(text: str | None) -> Digest | None:
         return Digest.parse(text)
     except errors.OCIError:
         return None
-
-
-class Evictor:
-    """LRU eviction driven from the index (diskcache's own culling only governs its own values)."""
-
-    def __init__(self, store: BlobStore, metadata: Metadata, metrics: Metrics, max_size: int,
-                 high: float, low: float, spawn: Callable[..., Any], hot: HotFiles | None = None) -> None:
-        self.store, self.metadata, self.metrics = store, metadata, metrics
-        self.hot = hot if hot is not None else HotFiles()
-        self.max_size = max_size
-        self.high, self.low = int(max_size * high), int(max_size * low)
-        self._spawn = spawn
-        self._lock = asyncio.Lock()
-        self._reserved = 0
-        self._kicked = False
-
-    def kick(self) -> None:
-        """Check the budget in the background after a commit."""
-        if not self._kicked:
-            self._kicked = True
-            self._spawn(self._evict_task(), "evict")
-
-    async def _evict_task(self) -> None:
-        self._kicked = False
-        await self.evict(0)
-
-    async def free(self, nbytes: int) -> int:
-        """The disk is full whatever the budget says: evict least recently used until ``nbytes`` are freed."""
-        async with self._lock:
-            freed = 0
-            for digest, entry in await self.metadata.lru():
-                if freed >= nbytes:
-                    break
-                freed += await self._evict_one(digest, entry)
-            return freed
-
-    async def _evict_one(self, digest: str, listed: Entry) -> int:
-        """Forget an entry, then unlink its file (an open reader keeps its inode); index writes that fail
-        on a full disk are remembered in memory, so the file still goes and frees its space.
-
-        Only the entry as listed goes: since the listing, another worker may have used it (then it is
-        not least recently used any more) or evicted it and committed the digest again (then the file
-        is that worker's fresh copy, possibly being served)."""
-        if not await self.metadata.drop_entry(digest, only_if=lambda stored: stored == listed):
-            return 0
-        await asyncio.get_running_loop().run_in_executor(None, self.store.remove, Digest.parse(digest))
-        self.hot.forget(digest)
-        self.metrics.evictions.inc()
-        self.metrics.evicted_bytes.inc(listed.size)
-        return listed.size
-
-    async def make_room(self, incoming: int) -> None:
-        """Before a fill: evict so that usage plus the new blob stays under the budget."""
-        await self.evict(incoming)
-
-    async def evict(self, incoming: int) -> int:
-        async with self._lock:
-            total = await self.metadata.total_bytes()
-            self.metrics.cache_bytes.set(total)
-            if total + incoming <= self.high:
-                return 0
-            target = max(0, self.low - incoming)
-            freed = 0
-            for digest, entry in await self.metadata.lru():
-                if total - freed <= target:
-                    break
-                freed += await self._evict_one(digest, entry)
-            self.metrics.cache_bytes.set(total - freed)
-            if freed:
-                log.info("evicted %d bytes (usage %d, budget %d)", freed, total - freed, self.max_size)
-            return freed

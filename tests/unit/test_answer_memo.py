@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from edgecache import oci
-from edgecache.routes import Answer, AnswerMemo, MemoKey
+from edgecache.answers import Answer, AnswerMemo, MemoKey
 
 
 def key(ref: str, ns: str | None = None, accept: str = "*/*", auth: str = "") -> MemoKey:

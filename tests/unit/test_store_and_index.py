@@ -11,7 +11,7 @@ import pytest
 from edgecache.metadata import Entry, Metadata, TagEntry
 from edgecache.metrics import Metrics
 from edgecache.oci import Digest
-from edgecache.pullthrough import Evictor
+from edgecache.evictor import Evictor
 from edgecache.storage import BlobStore, FillInfo, HotFiles
 from edgecache.tasks import TaskOwner
 

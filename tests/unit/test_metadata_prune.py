@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import logging
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -11,7 +13,11 @@ from typing import Any
 import diskcache
 import pytest
 
+from edgecache.app import AppState, _prune_metadata, make_cache
+from edgecache.config import UpstreamConfig
 from edgecache.metadata import PRUNE_BATCH, Metadata, TagEntry
+from edgecache.tasks import TaskOwner
+from edgecache.upstream import UpstreamClient
 
 
 class Clock:
@@ -118,4 +124,38 @@ async def test_prune_skips_a_pass_when_the_index_is_locked(
         monkeypatch.setattr(md.meta, "transact", transact)
         assert await md.prune_expired(2000.0, keep_stale_for=0) == 1  # the next pass does the work
     finally:
+        await md.close()
+
+
+async def test_the_app_prunes_with_the_largest_max_stale_of_the_live_upstream_table(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = Clock()
+    clock.now = time.time() - 5000  # the records are written in the past; the app prunes at time.time()
+    md = Metadata(tmp_path / "index", clock)
+    await md.open()
+    state, owner, tokens = AppState(), TaskOwner(), make_cache(None, "tokens")
+    state.clients = {name: UpstreamClient(UpstreamConfig(name, f"https://{name}.example", max_stale=stale), tokens)
+                     for name, stale in (("short", 600.0), ("long", 3600.0))}
+    passes: list[float] = []
+    one_pass = asyncio.Event()
+    prune = md.prune_expired
+
+    async def observed(now: float, keep_stale_for: float) -> int:
+        removed = await prune(now, keep_stale_for)
+        passes.append(keep_stale_for)
+        one_pass.set()
+        return removed
+
+    try:
+        await md.set_negative("up|r|gone|anon", 30.0)
+        await md.set_visibility("up", "long-gone", "public", 30.0)  # expired ~5000s ago: past 3600
+        await md.set_visibility("up", "stale", "public", 2000.0)  # expired ~3000s ago: inside 3600, not 600
+        monkeypatch.setattr(md, "prune_expired", observed)
+        owner.spawn(_prune_metadata(md, state, every=0), "prune-metadata")
+        await asyncio.wait_for(one_pass.wait(), 10)
+        await owner.close()
+        assert passes[0] == 3600.0
+        assert stored_keys(tmp_path / "index") == {"v|up|stale"}
+    finally:
+        await owner.close()
         await md.close()

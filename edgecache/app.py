@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import tempfile
+import time
 import warnings
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -39,6 +40,7 @@ TASKS = web.AppKey("tasks", TaskOwner)
 
 TOUCH_FLUSH_SECONDS = 2.0
 HOT_FILES_SWEEP_SECONDS = 5.0  # an unlinked file we hold open keeps its space at most this long
+PRUNE_SECONDS = 600.0  # expired negative and visibility records linger in the index at most this long
 
 
 class AppState:
@@ -128,6 +130,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     tasks.spawn(_flush_touches(metadata), "flush-touches")
     tasks.spawn(_flush_metrics(metrics), "flush-metrics")
     tasks.spawn(_sweep_hot_files(hot, metrics), "sweep-hot-files")
+    tasks.spawn(_prune_metadata(metadata, state), "prune-metadata")
     tasks.spawn(evictor.evict(0), "evict-startup")
     log.info("edgecache ready: cache %s, %d upstreams", cache_dir, len(clients))
     try:
@@ -141,6 +144,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         closers += [lambda: _close_cache(tokens), lambda: _close_cache(access), scan_session.close, metadata.close]
         if shared_tags is not None:
             closers.append(lambda: _close_cache(shared_tags))
+
         async def close_hot_files() -> None:
             hot.close()
 
@@ -188,6 +192,21 @@ async def _flush_touches(metadata: Metadata) -> None:
             await metadata.flush_touches()
         except Exception:  # the index may be briefly locked by another worker; try again next round
             log.exception("flushing access times failed")
+
+
+async def _prune_metadata(metadata: Metadata, state: AppState, every: float = PRUNE_SECONDS) -> None:
+    """Delete expired negative and visibility records: one per caller that saw a 404 adds up."""
+    while True:
+        await asyncio.sleep(every)
+        # The live upstream table: a reload may raise max_stale, and a stale answer must outlive it.
+        max_stale = max((c.cfg.max_stale for c in state.clients.values()), default=0.0)
+        try:
+            removed = await metadata.prune_expired(time.time(), keep_stale_for=max_stale)
+        except Exception:  # keep the loop: the next pass may find the index in better shape
+            log.exception("pruning the index failed")
+            continue
+        if removed:
+            log.info("pruned %d expired index records", removed)
 
 
 async def _recover(store: BlobStore, metadata: Metadata) -> None:

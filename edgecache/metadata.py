@@ -12,6 +12,10 @@ Records, keyed by strings built from validated values:
 diskcache is SQLite underneath and safe across worker processes. Every call
 here blocks; the async :class:`Metadata` facade runs them on a private executor
 and keeps a small in-memory front for the hit path.
+
+Expired negative and visibility records are never read again; the app deletes them
+periodically (:meth:`Metadata.prune_expired`), visibility only once past the largest
+``max_stale`` too (an upstream that is down lets a stale answer stand that long).
 """
 
 from __future__ import annotations
@@ -19,9 +23,11 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import itertools
+import math
 import sqlite3
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -30,6 +36,20 @@ import diskcache
 
 T = TypeVar("T")
 log = logging.getLogger("edgecache.metadata")
+
+PRUNE_BATCH = 100  # keys per executor call while pruning: the hit path waits behind one batch at most
+
+
+def _negative_expiry(value: Any) -> float:
+    """When a remembered 404 stops counting; a record of any other shape never counts."""
+    return value if isinstance(value, float) else -math.inf
+
+
+def _visibility_expiry(value: Any) -> float:
+    """When a visibility answer stops being fresh; the old shape (a bare string) never was."""
+    if not isinstance(value, dict) or not isinstance(value.get("expires"), float):
+        return -math.inf
+    return float(value["expires"])
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,9 +291,7 @@ class Metadata:
         that: the upstream is down), else None: ask it again. A record of the old shape (a bare
         string, kept forever) counts as expired."""
         value = await self._run(self.meta.get, f"v|{upstream}|{repo}")
-        if not isinstance(value, dict) or not isinstance(value.get("expires"), float):
-            return None
-        fresh = value["expires"] + stale_ok > self._clock()
+        fresh = _visibility_expiry(value) + stale_ok > self._clock()
         return str(value["value"]) if fresh else None
 
     async def set_visibility(self, upstream: str, repo: str, value: str, ttl: float) -> None:
@@ -326,10 +344,50 @@ class Metadata:
 
     async def get_negative(self, key: str) -> bool:
         expiry = await self._run(self.meta.get, "n|" + key)
-        return isinstance(expiry, float) and expiry > self._clock()
+        return _negative_expiry(expiry) > self._clock()
 
     async def set_negative(self, key: str, ttl: float) -> None:
         await self._write(self.meta.set, "n|" + key, self._clock() + ttl)
+
+    async def prune_expired(self, now: float, keep_stale_for: float) -> int:
+        """Delete negative records expired by ``now`` and visibility records expired more than
+        ``keep_stale_for`` seconds before it (the largest ``stale_ok`` any caller reads with);
+        returns how many. Neither kind has an in-memory front, so only the index changes.
+
+        The keys are walked in batches, each its own executor call, so lookups interleave with a
+        long walk. A busy or full database ends this pass early (logged); the next pass tries again.
+        """
+        keys = self.meta.iterkeys()  # pages by key (diskcache): deletions behind or ahead are safe
+        removed = 0
+        while True:
+            try:
+                n, more = await self._run(self._prune_batch, keys, now, keep_stale_for)
+            except (sqlite3.OperationalError, diskcache.Timeout) as e:
+                log.warning("index prune stopped after %d records: %s", removed, e)
+                return removed
+            removed += n
+            if not more:
+                break
+        try:  # values stored with a diskcache expiry (scanner verdicts): culling is off, so expire them here
+            removed += await self._run(self.meta.expire)
+        except (sqlite3.OperationalError, diskcache.Timeout) as e:
+            log.warning("index prune: expiring timed values failed: %s", e)
+        return removed
+
+    def _prune_batch(self, keys: Iterator[Any], now: float, keep_stale_for: float) -> tuple[int, bool]:
+        batch = list(itertools.islice(keys, PRUNE_BATCH))
+        candidates = [k for k in batch if isinstance(k, str) and k[:2] in ("n|", "v|")]
+        removed = 0
+        if candidates:
+            # Read and delete in one transaction: since the listing another worker may have refreshed
+            # a record (kept) or deleted it (None, expired, and delete finds nothing).
+            with self.meta.transact():
+                for key in candidates:
+                    value = self.meta.get(key)  # the readers' own tests: nobody would use it again
+                    end = _negative_expiry(value) if key[0] == "n" else _visibility_expiry(value) + keep_stale_for
+                    if end <= now:
+                        removed += bool(self.meta.delete(key))
+        return removed, len(batch) == PRUNE_BATCH
 
     async def get_value(self, key: str) -> Any:
         return await self._run(self.meta.get, "x|" + key)

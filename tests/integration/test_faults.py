@@ -42,7 +42,8 @@ from tests.support.registry import RegistryProcess
 from tests.support.tap import Tap
 
 ACCEPT = {"Accept": "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json"}
-STARTUP_TASKS = ["flush-metrics", "flush-touches", "sweep-hot-files"]  # what edgecache's TaskOwner holds when idle
+# what edgecache's TaskOwner holds when idle
+STARTUP_TASKS = ["flush-metrics", "flush-touches", "prune-metadata", "sweep-hot-files"]
 
 
 # -- leak accounting ----------------------------------------------------------------------------------------

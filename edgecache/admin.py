@@ -15,7 +15,12 @@ from .storage import BlobStore
 
 
 async def purge(cfg: Config, args: argparse.Namespace) -> int:
-    """Forget a tag, a repository, or everything (a running instance sees it on its next lookup)."""
+    """Forget a tag, a repository, or everything.
+
+    Running instances notice a ``--tag``/``--repo`` purge within a couple of seconds (the index's purge
+    counter, read with the access-time flush) and forget what they remember of tags and links.
+    ``--all`` removes the cache directory's contents: stop the instances first.
+    """
     root = Path(cfg.cache.dir)
     if args.all:
         store = BlobStore(root)

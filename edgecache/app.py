@@ -186,10 +186,13 @@ async def _sweep_hot_files(hot: HotFiles, metrics: Metrics) -> None:
 
 
 async def _flush_touches(metadata: Metadata) -> None:
+    """Write access times in batches; notice purges made by other processes (``edgecache purge``)."""
     while True:
         await asyncio.sleep(TOUCH_FLUSH_SECONDS)
         try:
             await metadata.flush_touches()
+            if await metadata.notice_purges():
+                log.info("a purge happened in another process: forgot remembered tags and links")
         except Exception:  # the index may be briefly locked by another worker; try again next round
             log.exception("flushing access times failed")
 

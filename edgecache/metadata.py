@@ -35,6 +35,7 @@ from typing import Any, TypeVar
 import diskcache
 
 T = TypeVar("T")
+PURGE_COUNTER = "purges"  # in the meta store: bumped by every purge, read by running processes
 log = logging.getLogger("edgecache.metadata")
 
 PRUNE_BATCH = 100  # keys per executor call while pruning: the hit path waits behind one batch at most
@@ -90,6 +91,7 @@ class Metadata:
         self._dropped: set[str] = set()  # evicted here, even if the index write failed (disk full)
         self.is_open = False
         self.generation = 0  # bumped by purge: answers remembered before it are void
+        self._purges_seen = 0
 
     @property
     def shared_tags(self) -> bool:
@@ -110,6 +112,7 @@ class Metadata:
     async def open(self) -> None:
         await self._run(self._open)
         self.is_open = True
+        self._purges_seen = int(await self._run(self.meta.get, PURGE_COUNTER, 0))  # purges before now: seen
 
     def _open(self) -> None:
         # No size limit and no culling: eviction is driven by our own LRU (DESIGN §3).
@@ -321,10 +324,11 @@ class Metadata:
             await self._write(self.meta.set, "t|" + key, asdict(entry))
 
     async def purge(self, prefix: str) -> int:
-        """Drop tag, negative, link and visibility records whose key starts with ``prefix`` (after the kind)."""
-        self.generation += 1
-        self._links.clear()
-        self._tag_front.clear()
+        """Drop tag, negative, link and visibility records whose key starts with ``prefix`` (after the kind).
+
+        Running processes (``edgecache purge`` is one of its own) learn of it from the index's purge
+        counter, bumped last, through :meth:`notice_purges`."""
+        self._forget_fronts()
         n = 0
         if self._shared_tags is not None:
             keys = await self._shared_tags.raw("keys", self._shared_tags.build_key("t|" + prefix) + "*")
@@ -332,7 +336,24 @@ class Metadata:
                 key = key.decode() if isinstance(key, bytes) else key
                 await self._shared_tags.raw("delete", key)
                 n += 1
-        return n + await self._run(self._purge, prefix)
+        n += await self._run(self._purge, prefix)
+        await self._write(self.meta.incr, PURGE_COUNTER)
+        return n
+
+    def _forget_fronts(self) -> None:
+        self.generation += 1
+        self._links.clear()
+        self._tag_front.clear()
+
+    async def notice_purges(self) -> bool:
+        """Has any process purged since we last looked? Then forget what this process remembers of
+        tags and links (answers remembered from them are voided too, through ``generation``)."""
+        seen = int(await self._run(self.meta.get, PURGE_COUNTER, 0))
+        changed = seen != self._purges_seen
+        self._purges_seen = seen
+        if changed:
+            self._forget_fronts()
+        return changed
 
     def _purge(self, prefix: str) -> int:
         n = 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -99,6 +100,29 @@ async def test_pinned_tag_keeps_its_digest_until_purged(edge_factory: EdgeFactor
     assert metadata is not None
     assert await metadata.purge("up|team/pinned|release-1|") >= 1  # what `edgecache purge --tag` does
     assert (await get(edge, "/v2/team/pinned/manifests/release-1"))[2] == second
+
+
+async def test_a_purge_by_the_command_reaches_a_running_instance(edge_factory: EdgeFactory, tap: Tap,
+                                                                registry: RegistryProcess, tmp_path: Path) -> None:
+    """``edgecache purge`` runs in its own process; a running instance must not keep the purged tag in memory."""
+    cache = tmp_path / "cache"
+    edge = await edge_factory(tap.url, cache_dir=cache, tag_ttl="1h", pinned_tags=["team/purged:release-*"])
+    async with aiohttp.ClientSession() as s:
+        first = (await move_tag(s, registry.url, "team/purged", "release-1", salt="one")).digest
+    for _ in range(2):  # a miss, then a hit from memory (and replayed)
+        assert (await get(edge, "/v2/team/purged/manifests/release-1"))[2] == first
+    async with aiohttp.ClientSession() as s:
+        second = (await move_tag(s, registry.url, "team/purged", "release-1", salt="two")).digest
+    assert (await get(edge, "/v2/team/purged/manifests/release-1"))[2] == first  # pinned
+    cfg = tmp_path / "admin.toml"
+    cfg.write_text(f'version = 1\n[cache]\ndir = "{cache}"\n')
+    code, out = await run(sys.executable, "-m", "edgecache", "purge", "--config", str(cfg),
+                          "--tag", "up/team/purged:release-1")
+    assert code == 0 and "purged 1 records" in out, out
+    deadline = time.monotonic() + 15  # the instance looks at the index's purge counter every 2 s
+    while (digest := (await get(edge, "/v2/team/purged/manifests/release-1"))[2]) != second:
+        assert digest == first and time.monotonic() < deadline, digest
+        await asyncio.sleep(0.1)
 
 
 class FakeScanner:

@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import shutil
+import sqlite3
 from pathlib import Path
 
+import diskcache
 import orjson
 
+from .caches import make_shared_tags
 from .config import Config
 from .metadata import Metadata
 from .storage import BlobStore
@@ -27,7 +30,9 @@ async def purge(cfg: Config, args: argparse.Namespace) -> int:
         await asyncio.get_running_loop().run_in_executor(None, _wipe, store)
         print(f"purged everything under {root}")
         return 0
-    metadata = Metadata(root / "index")
+    # Redis-shared tags live only in Redis: the purge must reach them there, as the instances read them.
+    shared_tags = make_shared_tags(cfg.redis_url)
+    metadata = Metadata(root / "index", shared_tags=shared_tags)
     await metadata.open()
     try:
         if args.tag:
@@ -43,8 +48,13 @@ async def purge(cfg: Config, args: argparse.Namespace) -> int:
                 return 2
             upstream, _, name = args.repo.partition("/")
             n = await metadata.purge(f"{upstream}|{name}|")
+    except (sqlite3.OperationalError, diskcache.Timeout) as e:
+        print(f"edgecache: purge failed, nothing was purged: the index is unavailable ({e})")
+        return 1
     finally:
         await metadata.close()
+        if shared_tags is not None:
+            await shared_tags.close()
     print(f"purged {n} records")
     return 0
 

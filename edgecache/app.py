@@ -13,10 +13,11 @@ from pathlib import Path
 
 import aiohttp
 import orjson
-from aiocache import BaseCache, Cache
+from aiocache import BaseCache
 from aiohttp import web
 
 from . import routes
+from .caches import make_cache, make_shared_tags
 from .collapse import Flights
 from .config import Config
 from .metadata import Metadata
@@ -59,18 +60,6 @@ class AppState:
 STATE = web.AppKey("state", AppState)
 
 
-def make_cache(redis_url: str | None, namespace: str, json: bool = False) -> BaseCache:
-    """An aiocache TTL cache: in memory, or Redis when state is shared across nodes."""
-    if redis_url:
-        from aiocache.serializers import JsonSerializer, PickleSerializer
-
-        cache = Cache.from_url(redis_url)
-        cache.namespace = namespace
-        cache.serializer = JsonSerializer() if json else PickleSerializer()
-        return cache
-    return Cache(Cache.MEMORY, namespace=namespace)
-
-
 def create_app(config: Config) -> web.Application:
     quiet_parse_errors()
     metrics = Metrics()
@@ -91,7 +80,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     cache_dir = Path(config.cache.dir)
     store = BlobStore(cache_dir)
     await asyncio.get_running_loop().run_in_executor(None, store.create_dirs)
-    shared_tags = make_cache(config.redis_url, "edgecache:", json=True) if config.redis_url else None
+    shared_tags = make_shared_tags(config.redis_url)
     metadata = Metadata(cache_dir / "index", shared_tags=shared_tags)
     await metadata.open()
     await _recover(store, metadata)
@@ -191,10 +180,13 @@ async def _flush_touches(metadata: Metadata) -> None:
         await asyncio.sleep(TOUCH_FLUSH_SECONDS)
         try:
             await metadata.flush_touches()
-            if await metadata.notice_purges():
-                log.info("a purge happened in another process: forgot remembered tags and links")
         except Exception:  # the index may be briefly locked by another worker; try again next round
             log.exception("flushing access times failed")
+        try:
+            if await metadata.notice_purges():
+                log.info("a purge happened in another process: forgot remembered tags and links")
+        except Exception:
+            log.exception("reading the purge counter failed")
 
 
 async def _prune_metadata(metadata: Metadata, state: AppState, every: float = PRUNE_SECONDS) -> None:

@@ -41,6 +41,11 @@ log = logging.getLogger("edgecache.metadata")
 PRUNE_BATCH = 100  # keys per executor call while pruning: the hit path waits behind one batch at most
 
 
+def _redis_glob_escape(text: str) -> str:
+    """A literal for a Redis KEYS pattern (``*``, ``?``, ``[``, ``]`` and ``\\`` are special there)."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
+
 def _negative_expiry(value: Any) -> float:
     """When a remembered 404 stops counting; a record of any other shape never counts."""
     return value if isinstance(value, float) else -math.inf
@@ -331,14 +336,14 @@ class Metadata:
         self._forget_fronts()
         n = 0
         if self._shared_tags is not None:
-            keys = await self._shared_tags.raw("keys", self._shared_tags.build_key("t|" + prefix) + "*")
+            pattern = _redis_glob_escape(self._shared_tags.build_key("t|" + prefix)) + "*"
+            keys = await self._shared_tags.raw("keys", pattern)
             for key in keys or []:
                 key = key.decode() if isinstance(key, bytes) else key
                 await self._shared_tags.raw("delete", key)
                 n += 1
-        n += await self._run(self._purge, prefix)
-        await self._write(self.meta.incr, PURGE_COUNTER)
-        return n
+        # Not _write: a purge that cannot reach the index must fail loudly (the command exits non-zero).
+        return n + await self._run(self._purge, prefix)
 
     def _forget_fronts(self) -> None:
         self.generation += 1
@@ -356,11 +361,14 @@ class Metadata:
         return changed
 
     def _purge(self, prefix: str) -> int:
+        """The deletes and the counter bump in one transaction: all of it happens, and is noticed, or none."""
         n = 0
-        for key in list(self.meta.iterkeys()):
-            if isinstance(key, str) and key[:2] in ("t|", "n|", "v|", "l|") and key[2:].startswith(prefix):
-                self.meta.pop(key, None)
-                n += 1
+        with self.meta.transact():
+            for key in list(self.meta.iterkeys()):
+                if isinstance(key, str) and key[:2] in ("t|", "n|", "v|", "l|") and key[2:].startswith(prefix):
+                    self.meta.pop(key, None)
+                    n += 1
+            self.meta.incr(PURGE_COUNTER)
         return n
 
     async def get_negative(self, key: str) -> bool:

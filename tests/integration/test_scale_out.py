@@ -414,13 +414,13 @@ async def edges() -> AsyncIterator[list[Edge]]:
         await e.stop()
 
 
-async def shared_tag_digests(redis_url: str, repo: str) -> list[str]:
-    """Digests of the Redis tag entries for ``repo:v1`` (keys ``edgecache:...t|<upstream>|<repo>|<tag>|<accept>``)."""
+async def shared_tag_digests(redis_url: str, repo: str, tag: str = "v1") -> list[str]:
+    """Digests of the Redis tag entries for ``repo:tag`` (keys ``edgecache:...t|<upstream>|<repo>|<tag>|<accept>``)."""
     import redis.asyncio as aioredis
 
     client = aioredis.from_url(redis_url)  # type: ignore[no-untyped-call]
     try:
-        keys = sorted(await client.keys(f"edgecache:*t|origin|{repo}|v1|*"))
+        keys = sorted(await client.keys(f"edgecache:*t|origin|{repo}|{tag}|*"))
         return [orjson.loads(await client.get(k))["digest"] for k in keys]
     finally:
         await client.aclose()
@@ -497,3 +497,37 @@ async def test_without_redis_instances_disagree(tmp_path: Path, make_tap: Any, r
     got = await moving_tag_scenario(tmp_path, make_tap, registry, edges, None)
     assert got["digest"] == got["old"].digest != got["new"].digest
     assert got["x_cache"] == "HIT" and got["requests"] == []
+
+
+@pytest.mark.filterwarnings("ignore:Call to deprecated close:DeprecationWarning")
+async def test_purge_command_reaches_redis_shared_tags(tmp_path: Path, tap: Any, registry: RegistryProcess,
+                                                       edges: list[Edge], redis_url: str) -> None:
+    """With Redis-shared tags the tag lives only in Redis: ``edgecache purge`` must delete it there."""
+    import sys
+
+    from tests.support.edge import run
+
+    repo = f"scale/pinned-{uuid.uuid4().hex[:8]}"
+    async with aiohttp.ClientSession(auto_decompress=False) as s:
+        old = await push_image(s, registry.url, repo, "release-1", salt="old")
+    cache = tmp_path / "cache"
+    cfg = make_config(cache, tap.url, name="origin", tag_ttl="1h", pinned_tags=[f"{repo}:release-*"])
+    edges.append(await start_edge(cfg.replace(redis_url=redis_url)))
+    edge = edges[-1]
+    url = f"{edge.url}/v2/{repo}/manifests/release-1"
+    async with aiohttp.ClientSession(auto_decompress=False) as http:
+        assert sha256((await get(http, url, ACCEPT))[1]) == old.digest
+        async with aiohttp.ClientSession(auto_decompress=False) as s:
+            new = await move_tag(s, registry.url, repo, "release-1", salt="new")
+        assert sha256((await get(http, url, ACCEPT))[1]) == old.digest  # pinned
+        assert await shared_tag_digests(redis_url, repo, "release-1") == [old.digest]
+        admin = tmp_path / "admin.toml"
+        admin.write_text(f'version = 1\n[cache]\ndir = "{cache}"\n[redis]\nurl = "{redis_url}"\n')
+        code, out = await run(sys.executable, "-m", "edgecache", "purge", "--config", str(admin),
+                              "--tag", f"origin/{repo}:release-1")
+        assert code == 0, out
+        assert await shared_tag_digests(redis_url, repo, "release-1") == []  # gone from Redis, where instances read it
+        deadline = time.monotonic() + 15  # replayed answers last a second; the purge counter is read every 2 s
+        while sha256((await get(http, url, ACCEPT))[1]) != new.digest:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.1)

@@ -13,7 +13,8 @@ from typing import Any
 import diskcache
 import pytest
 
-from edgecache.app import AppState, _prune_metadata, make_cache
+from edgecache.app import AppState, _prune_metadata
+from edgecache.caches import make_cache
 from edgecache.config import UpstreamConfig
 from edgecache.metadata import PRUNE_BATCH, Metadata, TagEntry
 from edgecache.tasks import TaskOwner

@@ -41,13 +41,13 @@ async def purge(cfg: Config, args: argparse.Namespace) -> int:
                 print("edgecache: --tag takes UPSTREAM/REPOSITORY:TAG")
                 return 2
             upstream, _, name = repo.partition("/")
-            n = await metadata.purge(f"{upstream}|{name}|{tag}|")
+            n = await metadata.purge(f"{upstream}|{_stored_name(cfg, upstream, name)}|{tag}|")
         else:
             if "/" not in args.repo:
                 print("edgecache: --repo takes UPSTREAM/REPOSITORY")
                 return 2
             upstream, _, name = args.repo.partition("/")
-            n = await metadata.purge(f"{upstream}|{name}|")
+            n = await metadata.purge(f"{upstream}|{_stored_name(cfg, upstream, name)}|")
     except (sqlite3.OperationalError, diskcache.Timeout) as e:
         print(f"edgecache: purge failed, nothing was purged: the index is unavailable ({e})")
         return 1
@@ -57,6 +57,14 @@ async def purge(cfg: Config, args: argparse.Namespace) -> int:
             await shared_tags.close()
     print(f"purged {n} records")
     return 0
+
+
+def _stored_name(cfg: Config, upstream: str, name: str) -> str:
+    """The repository as the index names it: ``nginx`` on a Docker Hub-style upstream is ``library/nginx``."""
+    up = next((u for u in cfg.upstreams if u.name == upstream), None)
+    if up is not None and up.library_prefix and "/" not in name:
+        return "library/" + name
+    return name
 
 
 def _wipe(store: BlobStore) -> None:

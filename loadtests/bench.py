@@ -39,8 +39,10 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # the repository: tests.support
 import harness  # noqa: E402
 from harness import MiB, Edge, Nginx, Registry, RssSampler  # noqa: E402
+from tests.support.edge import self_signed_cert  # noqa: E402  (the one certificate helper)
 
 HERE = Path(__file__).resolve().parent
 MB = 1e6
@@ -217,28 +219,6 @@ def drain_get(url: str) -> None:
 # --------------------------------------------------------------------------------------------
 # the run
 # --------------------------------------------------------------------------------------------
-
-def make_cert(dirpath: Path) -> tuple[Path, Path]:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-    import ipaddress
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = dt.datetime.now(dt.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(days=1))
-            .not_valid_after(now + dt.timedelta(days=2))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-            .sign(key, hashes.SHA256()))
-    cert_path, key_path = dirpath / "cert.pem", dirpath / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return cert_path, key_path
-
 
 class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
@@ -433,7 +413,7 @@ class Bench:
                     self.res.add("e", f"peak RSS, {name}", f"{peak:.1f} MiB", "", "", "<= 100 MiB", yes(peak <= 100))
 
     def tls_suite(self) -> None:
-        cert, key = make_cert(self.work)
+        cert, key = self_signed_cert(self.work)
         e, s = self.edge("edgecache TLS w=1", cache_dir=self.shared_cache, tls=(cert, key))
         try:
             url = f"{e.url}/v2/up/bench/big/blobs/{self.big_digest}"

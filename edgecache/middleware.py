@@ -9,18 +9,16 @@ import itertools
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
 
 import bcrypt
 from aiohttp import web
 
 from . import errors
-from .requestinfo import INFO, RequestInfo, info
+from .requestinfo import INFO, Handler, RequestInfo, Wrap, info
 from .log import access_log, request_id
 from .metrics import Metrics
 
 log = logging.getLogger("edgecache.edge")
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def render_error(request: web.Request, err: errors.OCIError) -> web.Response:
@@ -80,9 +78,6 @@ class Htpasswd:
             bcrypt.checkpw(b"x", bcrypt.hashpw(b"y", bcrypt.gensalt(4)))  # even out timing
             return False
         return bcrypt.checkpw(password.encode(), hashed)
-
-
-Wrap = Callable[[Handler, str, tuple[str, ...] | None], Handler]
 
 
 def make_edge(metrics: Metrics, allow_cidrs: tuple[str, ...], htpasswd: Htpasswd | None, access_logging: bool) -> Wrap:

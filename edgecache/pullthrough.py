@@ -32,7 +32,7 @@ from .metadata import Metadata, TagEntry
 from .metrics import Metrics
 from .oci import Digest
 from .policy import Blocklist, Scanner
-from .storage import BlobStore, FillInfo, HotFiles
+from .storage import BlobStore, FillInfo
 from .upstream import Credential, UpstreamClient, UpstreamResponse
 
 log = logging.getLogger("edgecache.pullthrough")
@@ -132,10 +132,9 @@ class PullThrough:
     """The policy over a local store and remote upstreams."""
 
     def __init__(self, store: BlobStore, metadata: Metadata, flights: Flights, access: BaseCache,
-                 metrics: Metrics, evictor: Evictor, clock: Callable[[], float] = time.time,
-                 hot: HotFiles | None = None) -> None:
+                 metrics: Metrics, evictor: Evictor, clock: Callable[[], float] = time.time) -> None:
         self.store = store
-        self.hot = hot if hot is not None else evictor.hot
+        self.hot = evictor.hot  # the evictor closes what it evicts
         self.metadata = metadata
         self.flights = flights
         self.access = access  # (upstream, repo, credential key) -> confirmed, with a TTL
@@ -338,6 +337,13 @@ class PullThrough:
         in this process (``edgecache purge`` runs in its own; replayed answers live a second at most)."""
         self.blocklist.maybe_reload()  # replayed answers skip check(): look at the file on its schedule
         return self.blocklist.generation + self.metadata.generation
+
+    def served(self, outcome: Outcome, digest: str | None = None) -> None:
+        """An answer went out: count its outcome (``edgecache stats``); a replayed hit also keeps its
+        entry's place in the LRU order (the policy path touches it itself)."""
+        self.metadata.count(outcome.value.lower())
+        if digest is not None:
+            self.metadata.touch(digest)
 
     def memoisable(self, target: Target) -> bool:
         """May the edge replay a HIT answer for ``target`` for a moment without asking this policy?

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -20,6 +21,10 @@ class RequestInfo:
 
 
 INFO = web.RequestKey("edgecache_info", RequestInfo)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# The edge around a route's handler: (handler, route label for metrics, methods allowed or None for any).
+Wrap = Callable[[Handler, str, "tuple[str, ...] | None"], Handler]
 
 
 def info(request: web.Request) -> RequestInfo:

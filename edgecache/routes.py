@@ -12,7 +12,7 @@ import fnmatch
 import os
 import re
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlencode
 
@@ -21,7 +21,7 @@ from aiohttp import web
 from . import errors, oci
 from .answers import MEMO_SECONDS, Answer, AnswerMemo, MemoKey
 from .log import request_id
-from .requestinfo import info
+from .requestinfo import Wrap, info
 from .collapse import FlightFailed
 from .pullthrough import BlobResult, Outcome, PullThrough, Target
 from .upstream import Credential, UpstreamClient, UpstreamResponse
@@ -46,21 +46,19 @@ class Router:
         self._memo: dict[tuple[str | None, str], tuple[UpstreamClient, str]] = {}
         self.answers = AnswerMemo()  # a new routing table (config reload) starts with none
 
-    def resolve(self, ns: str | None, name: str) -> tuple[UpstreamClient, str]:
-        """:meth:`upstream_for` plus the allow/deny rules; answers that pass are memoised (a router is
-        rebuilt when the config is reloaded), refusals are decided afresh each time."""
+    def upstream_for(self, ns: str | None, name: str) -> tuple[UpstreamClient, str]:
+        """The upstream and the repository name there; unknown keys dial nothing. Memoised (a router
+        is rebuilt when the config is reloaded); refusals are not kept."""
         key = (ns, name)
         found = self._memo.get(key)
         if found is None:
-            found = self.upstream_for(ns, name)
-            check_policy(*found)
+            found = self._route(ns, name)
             if len(self._memo) >= 4096:
                 self._memo.clear()
             self._memo[key] = found
         return found
 
-    def upstream_for(self, ns: str | None, name: str) -> tuple[UpstreamClient, str]:
-        """The upstream and the repository name there; unknown keys dial nothing."""
+    def _route(self, ns: str | None, name: str) -> tuple[UpstreamClient, str]:
         if ns is not None:
             if _NS_RE.fullmatch(ns) is None:
                 raise errors.NameInvalid("invalid ns parameter", detail={"ns": ns[:200]})
@@ -89,17 +87,11 @@ class Router:
         return self.default
 
 
-def target_for(request: web.Request, router: Router, api: oci.ApiPath) -> Target:
-    ns = request.query.get("ns") if request.query_string else None
+def target_for(request: web.Request, router: Router, api: oci.ApiPath, ns: str | None) -> Target:
+    client, repo = router.upstream_for(ns, api.name)
     ri = info(request)
-    try:
-        client, repo = router.resolve(ns, api.name)
-    except errors.Denied:
-        client, repo = router.upstream_for(ns, api.name)
-        ri.upstream, ri.repository = client.name, repo
-        raise
-    ri.upstream = client.name
-    ri.repository = repo
+    ri.upstream, ri.repository = client.name, repo
+    check_policy(client, repo)
     credential = Credential.from_header(request.headers.get("Authorization"))
     return Target(client, repo, credential)
 
@@ -117,7 +109,7 @@ def check_policy(client: UpstreamClient, repo: str) -> None:
 
 def _common_headers(request: web.Request, target: Target, outcome: Outcome) -> dict[str, str]:
     info(request).cache = outcome.value
-    request.app[CTX].policy.metadata.count(outcome.value.lower())
+    request.app[CTX].policy.served(outcome)
     # Streamed answers send their headers inside the handler, before the edge wrapper sees them.
     h = {"X-Cache": outcome.value, "X-Request-Id": request_id.get(), **API_VERSION}
     if target.cfg.namespaces:
@@ -135,16 +127,18 @@ async def handle_v2(request: web.Request) -> web.StreamResponse:
     if api.kind is oci.Kind.BASE:
         return await _base(request, ctx)
     router = ctx.router  # one routing table for the whole request, even across a reload
+    ns = request.query.get("ns") if request.query_string else None
     if api.kind is oci.Kind.MANIFEST:
-        key: MemoKey = (api, request.query.get("ns") if request.query_string else None,
-                        ",".join(request.headers.getall("Accept", ())), request.headers.get("Authorization", ""))
+        key: MemoKey = (api, ns, ",".join(request.headers.getall("Accept", ())), request.headers.get("Authorization", ""))
         policy = ctx.policy
         answer = router.answers.get(key, time.monotonic(), policy.clock(), policy.generation)
         if answer is not None:
-            return _replay(request, ctx, answer)
-        target = target_for(request, router, api)
-        return await _manifest(request, policy, router, target, api, key)
-    target = target_for(request, router, api)
+            policy.served(Outcome.HIT, answer.digest)
+            ri = info(request)
+            ri.upstream, ri.repository, ri.cache = answer.upstream, answer.repository, Outcome.HIT.value
+            return _document(request, ctx, answer.headers, answer.body, "cache")
+        return await _manifest(request, policy, router, target_for(request, router, api, ns), api, key)
+    target = target_for(request, router, api, ns)
     if api.kind is oci.Kind.BLOB:
         assert api.digest is not None
         return await _blob(request, ctx.policy, target, api.digest)
@@ -179,33 +173,25 @@ async def _manifest(request: web.Request, policy: PullThrough, router: Router, t
                                      detail={"accept": accept[:300]})
     headers = _common_headers(request, target, result.outcome)
     headers.update({"Docker-Content-Digest": result.digest, "Content-Type": result.media_type, "ETag": f'"{result.digest}"'})
-    info(request).bytes = 0 if request.method == "HEAD" else len(result.data)
     ctx = request.app[CTX]
-    ctx.count_bytes("cache" if result.outcome is Outcome.HIT else "upstream", info(request).bytes)
     now = policy.clock()
     fresh_for = min(MEMO_SECONDS, result.fresh_for(now))
     if fresh_for > 0 and policy.memoisable(target):
         router.answers.put(key, Answer(time.monotonic() + fresh_for, now + fresh_for, generation, dict(headers),
                                            result.data, result.digest, target.upstream.name, target.repo))
-    if request.method == "HEAD":
-        headers["Content-Length"] = str(len(result.data))
-        return web.Response(status=200, headers=headers)
-    return web.Response(status=200, body=result.data, headers=headers)
+    return _document(request, ctx, headers, result.data, "cache" if result.outcome is Outcome.HIT else "upstream")
 
 
-def _replay(request: web.Request, ctx: "EdgeContext", answer: Answer) -> web.StreamResponse:
-    """A memoised manifest answer: the same headers and bytes, counted and logged like any hit."""
+def _document(request: web.Request, ctx: "EdgeContext", headers: dict[str, str], body: bytes,
+              source: str) -> web.StreamResponse:
+    """A manifest answer, decided now or replayed: HEAD gets the length and no body."""
     ri = info(request)
-    ri.upstream, ri.repository, ri.cache = answer.upstream, answer.repository, Outcome.HIT.value
-    metadata = ctx.policy.metadata
-    metadata.count("hit")
-    metadata.touch(answer.digest)  # LRU order
     if request.method == "HEAD":
         ri.bytes = 0
-        return web.Response(status=200, headers={**answer.headers, "Content-Length": str(len(answer.body))})
-    ri.bytes = len(answer.body)
-    ctx.count_bytes("cache", ri.bytes)
-    return web.Response(status=200, body=answer.body, headers=answer.headers)
+        return web.Response(status=200, headers={**headers, "Content-Length": str(len(body))})
+    ri.bytes = len(body)
+    ctx.count_bytes(source, ri.bytes)
+    return web.Response(status=200, body=body, headers=headers)
 
 
 async def _blob(request: web.Request, policy: PullThrough, target: Target, digest: oci.Digest) -> web.StreamResponse:
@@ -581,8 +567,6 @@ async def handle_unmatched(request: web.Request) -> web.StreamResponse:
     raise errors.NotFound("not found")
 
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-Wrap = Callable[[Handler, str, "tuple[str, ...] | None"], Handler]
 
 _READ = ("GET", "HEAD")
 

@@ -23,7 +23,7 @@ from .config import Config
 from .metadata import Metadata
 from .metrics import FLUSH_SECONDS, Metrics
 from .log import quiet_parse_errors
-from .middleware import PUBLIC_URL, Htpasswd, make_edge
+from .middleware import PUBLIC_URL, Htpasswd, make_edge, stamp_headers
 from .oci import MANIFEST_TYPES, MAX_MANIFEST_BYTES, OCTET_STREAM, Digest
 from .policy import Blocklist, Scanner
 from .evictor import Evictor
@@ -72,6 +72,7 @@ def create_app(config: Config) -> web.Application:
     app[PUBLIC_URL] = (config.server.public_url or "").rstrip("/")
     app.cleanup_ctx.append(_lifecycle)
     routes.add_routes(app, make_edge(metrics, config.server.allow_cidrs, htpasswd, config.server.access_log))
+    app.on_response_prepare.append(stamp_headers)
     return app
 
 

@@ -102,7 +102,7 @@ def make_edge(metrics: Metrics, allow_cidrs: tuple[str, ...], htpasswd: Htpasswd
             if not (rid.isalnum() and len(rid) <= 64):
                 rid = f"{prefix}{next(counter):x}"
             token = request_id.set(rid)
-            ri = request[INFO] = RequestInfo()
+            ri = request[INFO] = RequestInfo(rid)
             started = monotonic()
             status = 500
             metrics.active += 1
@@ -129,10 +129,6 @@ def make_edge(metrics: Metrics, allow_cidrs: tuple[str, ...], htpasswd: Htpasswd
                     ri.error = type(e).__name__
                     resp = render_error(request, errors.OCIError("internal error"))
                 status = resp.status
-                headers = resp.headers
-                headers["X-Request-Id"] = rid
-                if "X-Cache" not in headers and request.path.startswith("/v2"):
-                    headers["X-Cache"] = ri.cache or "MISS"
                 return resp
             finally:
                 metrics.active -= 1
@@ -154,6 +150,18 @@ def make_edge(metrics: Metrics, allow_cidrs: tuple[str, ...], htpasswd: Htpasswd
 
 
 _CONTENT = frozenset(("manifest", "blob"))
+
+
+async def stamp_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """``on_response_prepare``: the headers every answer carries, set as its headers go out, whether
+    the handler prepares a streamed answer itself or the wrapper returns one."""
+    ri = request.get(INFO)
+    if ri is None:  # not through the edge wrapper (aiohttp's own answer to an unparsable request)
+        return
+    headers = response.headers
+    headers["X-Request-Id"] = ri.request_id
+    if "X-Cache" not in headers and request.path.startswith("/v2"):
+        headers["X-Cache"] = ri.cache or "MISS"
 
 
 def _http_error(e: web.HTTPException) -> errors.OCIError:

@@ -338,7 +338,7 @@ class PullThrough:
         self.blocklist.maybe_reload()  # replayed answers skip check(): look at the file on its schedule
         return self.blocklist.generation + self.metadata.generation
 
-    def served(self, outcome: Outcome, digest: str | None = None) -> None:
+    def answered(self, outcome: Outcome, digest: str | None = None) -> None:
         """An answer went out: count its outcome (``edgecache stats``); a replayed hit also keeps its
         entry's place in the LRU order (the policy path touches it itself)."""
         self.metadata.count(outcome.value.lower())

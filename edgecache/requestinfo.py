@@ -12,6 +12,7 @@ from .oci import ApiPath
 
 @dataclass(slots=True)
 class RequestInfo:
+    request_id: str = ""
     api: ApiPath | None = None
     upstream: str | None = None
     repository: str | None = None

@@ -20,7 +20,6 @@ from aiohttp import web
 
 from . import errors, oci
 from .answers import MEMO_SECONDS, Answer, AnswerMemo, MemoKey
-from .log import request_id
 from .requestinfo import Wrap, info
 from .collapse import FlightFailed
 from .pullthrough import BlobResult, Outcome, PullThrough, Target
@@ -109,9 +108,8 @@ def check_policy(client: UpstreamClient, repo: str) -> None:
 
 def _common_headers(request: web.Request, target: Target, outcome: Outcome) -> dict[str, str]:
     info(request).cache = outcome.value
-    request.app[CTX].policy.served(outcome)
-    # Streamed answers send their headers inside the handler, before the edge wrapper sees them.
-    h = {"X-Cache": outcome.value, "X-Request-Id": request_id.get(), **API_VERSION}
+    request.app[CTX].policy.answered(outcome)
+    h = {"X-Cache": outcome.value, **API_VERSION}
     if target.cfg.namespaces:
         h["OCI-Namespace"] = target.cfg.namespaces[0]
     return h
@@ -133,7 +131,7 @@ async def handle_v2(request: web.Request) -> web.StreamResponse:
         policy = ctx.policy
         answer = router.answers.get(key, time.monotonic(), policy.clock(), policy.generation)
         if answer is not None:
-            policy.served(Outcome.HIT, answer.digest)
+            policy.answered(Outcome.HIT, answer.digest)
             ri = info(request)
             ri.upstream, ri.repository, ri.cache = answer.upstream, answer.repository, Outcome.HIT.value
             return _document(request, ctx, answer.headers, answer.body, "cache")

@@ -186,8 +186,6 @@ class Metadata:
         thread: it may touch the disk): another worker may have evicted the digest and committed it
         again since the caller looked, and its new entry and file must survive.
         """
-        if only_if is None:
-            self._forget(digest)
         try:
             dropped = await self._run(self._drop_entry, digest, only_if)
         except (sqlite3.OperationalError, diskcache.Timeout) as e:

@@ -19,11 +19,12 @@ class Answer:
     headers: dict[str, str]
     body: bytes
     digest: str
+    api: oci.ApiPath  # the parsed path the key's raw path names
     upstream: str
     repository: str
 
 
-MemoKey = tuple[oci.ApiPath, "str | None", str, str]  # path (name, reference), ns, Accept, Authorization
+MemoKey = tuple[str, "str | None", str, str]  # raw path, ns, Accept, Authorization
 
 
 class AnswerMemo:
@@ -34,8 +35,9 @@ class AnswerMemo:
     except by a blocklist reload or a purge in this process (the policy's generation voids older
     answers) or a config reload (a new router, a new memo; a request decided under the old one
     stores its answer there, never in the new one). Region-wide (Redis) tags are never replayed.
-    The key is everything the answer depends on: the parsed path (name with any prefix, reference),
-    ``ns``, the Accept list and the Authorization header. Never used where access is decided per
+    The key is everything the answer depends on: the raw path (name with any prefix, reference;
+    only a path that parsed is ever stored), ``ns``, the Accept list and the Authorization header.
+    It is looked up before the path is parsed: strings hash once. Never used where access is decided per
     credential (passthrough) or by a scanner (:meth:`PullThrough.memoisable`). Memory is bounded
     by entry count and by the bytes of the bodies held (small documents only).
     """

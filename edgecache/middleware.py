@@ -1,4 +1,5 @@
-"""Edge middleware: client access control, OCI error rendering, access log, metrics."""
+"""The edge around every handler: client access control, OCI error rendering, the headers every
+answer carries, access log, metrics."""
 
 from __future__ import annotations
 
@@ -14,14 +15,15 @@ import bcrypt
 from aiohttp import web
 
 from . import errors
-from .requestinfo import INFO, Handler, RequestInfo, Wrap, info
+from .oci import Kind
+from .requestinfo import INFO, Handler, RequestInfo, Wrap, info, stamp
 from .log import access_log, request_id
 from .metrics import Metrics
 
 log = logging.getLogger("edgecache.edge")
 
 
-def render_error(request: web.Request, err: errors.OCIError) -> web.Response:
+def render_error(request: web.BaseRequest, err: errors.OCIError) -> web.Response:
     headers = {"Content-Type": "application/json", "Docker-Distribution-API-Version": "registry/2.0",
                "X-Cache": info(request).cache or "MISS", **err.headers}
     upstream = getattr(err, "challenge", None)
@@ -37,7 +39,7 @@ def render_error(request: web.Request, err: errors.OCIError) -> web.Response:
 PUBLIC_URL = web.AppKey("public_url", str)
 
 
-def token_challenge(request: web.Request, upstream: str) -> str:
+def token_challenge(request: web.BaseRequest, upstream: str) -> str:
     """Point the client at our token endpoint (passthrough, DESIGN §4), in the client's own terms.
 
     The scope names the repository as the client asked for it, and the realm carries the request's
@@ -45,7 +47,7 @@ def token_challenge(request: web.Request, upstream: str) -> str:
     same routing as ``/v2/`` (a prefix is stripped only when there is no ``ns``). Clients that build
     their scope from their own request name, as containerd and Docker do, agree with it. Both values
     were validated by the edge before any 401 is raised (name grammar, ``ns`` pattern)."""
-    base = request.app[PUBLIC_URL] or f"{request.scheme}://{request.host}"
+    base = info(request).app[PUBLIC_URL] or f"{request.scheme}://{request.host}"
     ns = request.query.get("ns")
     realm = f"{base}/_edgecache/token/{upstream}" + (f"?ns={ns}" if ns else "")
     value = f'Bearer realm="{realm}",service="edgecache"'
@@ -80,12 +82,14 @@ class Htpasswd:
         return bcrypt.checkpw(password.encode(), hashed)
 
 
-def make_edge(metrics: Metrics, allow_cidrs: tuple[str, ...], htpasswd: Htpasswd | None, access_logging: bool) -> Wrap:
+def make_edge(app: web.Application, metrics: Metrics, allow_cidrs: tuple[str, ...], htpasswd: Htpasswd | None,
+              access_logging: bool) -> Wrap:
     """What every request goes through: client checks, OCI errors, request id, metrics, access log.
 
-    A wrapper put around each route's handler rather than an aiohttp middleware: the middleware chain
-    costs about as much per request as a whole cached-manifest answer (measured in loadtests/), and a
-    catch-all route sends unknown paths through the same wrapper, so nothing escapes it.
+    A wrapper put around each handler rather than an aiohttp middleware: the middleware chain costs
+    about as much per request as a whole cached-manifest answer (measured in loadtests/), and the
+    dispatcher (:func:`edgecache.routes.make_dispatch`) sends unknown paths through the same wrapper,
+    so nothing escapes it.
     """
     networks = [ipaddress.ip_network(c, strict=False) for c in allow_cidrs]
     # Request ids: a random per-process prefix and a counter (os.urandom per request is slow on some VMs).
@@ -96,13 +100,13 @@ def make_edge(metrics: Metrics, allow_cidrs: tuple[str, ...], htpasswd: Htpasswd
     monotonic = time.monotonic
 
     def wrap(handler: Handler, route_label: str, methods: tuple[str, ...] | None) -> Handler:
-        async def edge(request: web.Request) -> web.StreamResponse:
+        async def edge(request: web.BaseRequest) -> web.StreamResponse:
             # The hot path of every request: keep it to dict and attribute work (metrics are batched).
             rid = request.headers.get("X-Request-Id", "")
             if not (rid.isalnum() and len(rid) <= 64):
                 rid = f"{prefix}{next(counter):x}"
             token = request_id.set(rid)
-            ri = request[INFO] = RequestInfo(rid)
+            ri = request[INFO] = RequestInfo(app, rid)
             started = monotonic()
             status = 500
             metrics.active += 1
@@ -128,6 +132,8 @@ def make_edge(metrics: Metrics, allow_cidrs: tuple[str, ...], htpasswd: Htpasswd
                     log.exception("unhandled error on %s %s", request.method, request.path[:200])
                     ri.error = type(e).__name__
                     resp = render_error(request, errors.OCIError("internal error"))
+                if not resp.prepared:  # a streamed answer was stamped as it started (edgecache.routes)
+                    stamp(request, resp)
                 status = resp.status
                 return resp
             finally:
@@ -136,7 +142,7 @@ def make_edge(metrics: Metrics, allow_cidrs: tuple[str, ...], htpasswd: Htpasswd
                 api = ri.api
                 if api is not None:
                     route = api.route
-                    outcome = ri.cache if status < 400 and api.kind.value in _CONTENT else None
+                    outcome = ri.cache if status < 400 and api.kind in _CONTENT else None
                 else:
                     route, outcome = route_label, None
                 metrics.request_done(route, request.method, status, seconds, outcome)
@@ -149,19 +155,7 @@ def make_edge(metrics: Metrics, allow_cidrs: tuple[str, ...], htpasswd: Htpasswd
     return wrap
 
 
-_CONTENT = frozenset(("manifest", "blob"))
-
-
-async def stamp_headers(request: web.Request, response: web.StreamResponse) -> None:
-    """``on_response_prepare``: the headers every answer carries, set as its headers go out, whether
-    the handler prepares a streamed answer itself or the wrapper returns one."""
-    ri = request.get(INFO)
-    if ri is None:  # not through the edge wrapper (aiohttp's own answer to an unparsable request)
-        return
-    headers = response.headers
-    headers["X-Request-Id"] = ri.request_id
-    if "X-Cache" not in headers and request.path.startswith("/v2"):
-        headers["X-Cache"] = ri.cache or "MISS"
+_CONTENT = frozenset((Kind.MANIFEST, Kind.BLOB))
 
 
 def _http_error(e: web.HTTPException) -> errors.OCIError:
@@ -175,7 +169,7 @@ def _http_error(e: web.HTTPException) -> errors.OCIError:
     return err
 
 
-def _check_client(request: web.Request, networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network],
+def _check_client(request: web.BaseRequest, networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network],
                   htpasswd: Htpasswd | None, cache: dict[str, bool]) -> None:
     if request.path in ("/healthz", "/readyz"):
         return
@@ -200,7 +194,7 @@ def _check_client(request: web.Request, networks: list[ipaddress.IPv4Network | i
             raise errors.Unauthorized("mirror credentials required", headers={"WWW-Authenticate": 'Basic realm="edgecache"'})
 
 
-def _access(request: web.Request, ri: RequestInfo, route: str, status: int, seconds: float) -> None:
+def _access(request: web.BaseRequest, ri: RequestInfo, route: str, status: int, seconds: float) -> None:
     api = ri.api
     access_log.info("", extra={"access": {
         "method": request.method,

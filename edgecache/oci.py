@@ -91,8 +91,8 @@ def parse_name(text: str) -> str:
     return text
 
 
-class Kind(enum.Enum):
-    """Which API endpoint a /v2/ path addresses."""
+class Kind(enum.StrEnum):
+    """Which API endpoint a /v2/ path addresses (a str: hashed and compared as one on the hot path)."""
 
     BASE = "base"
     MANIFEST = "manifest"

@@ -44,7 +44,9 @@ DIRECT_RANGE_GAP = 64 << 20
 HOT_MANIFEST_BYTES = 32 << 20
 
 
-class Outcome(enum.Enum):
+class Outcome(enum.StrEnum):
+    """How an answer was made: its ``X-Cache`` value (a str, used as one on the hot path)."""
+
     HIT = "HIT"
     MISS = "MISS"
     STALE = "STALE"
@@ -341,7 +343,7 @@ class PullThrough:
     def answered(self, outcome: Outcome, digest: str | None = None) -> None:
         """An answer went out: count its outcome (``edgecache stats``); a replayed hit also keeps its
         entry's place in the LRU order (the policy path touches it itself)."""
-        self.metadata.count(outcome.value.lower())
+        self.metadata.count(outcome.lower())
         if digest is not None:
             self.metadata.touch(digest)
 

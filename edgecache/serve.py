@@ -21,7 +21,7 @@ from aiohttp import web
 
 from . import config as config_mod
 from . import log as log_mod
-from .app import TASKS, create_app, drain, reload
+from .app import TASKS, EdgeRunner, create_app, drain, reload
 
 log = logging.getLogger("edgecache.serve")
 Source = tuple[str | None, dict[str, Any]]  # config file and flags, re-read on SIGHUP
@@ -76,7 +76,7 @@ def _raise_fd_limit() -> None:
 
 async def _serve(cfg: config_mod.Config, reuse_port: bool, source: Source) -> int:
     app = create_app(cfg)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=cfg.server.shutdown_timeout,
+    runner = EdgeRunner(app, access_log=None, shutdown_timeout=cfg.server.shutdown_timeout,
                            handle_signals=False)
     await runner.setup()
     host, port = cfg.server.listen
@@ -113,7 +113,7 @@ async def _serve(cfg: config_mod.Config, reuse_port: bool, source: Source) -> in
     return 0
 
 
-async def _graceful_stop(runner: web.AppRunner, timeout: float) -> None:
+async def _graceful_stop(runner: web.BaseRunner, timeout: float) -> None:
     """Stop listening, close idle keep-alive connections, let requests in progress finish.
 
     aiohttp's own shutdown waits the whole timeout on an idle connection whose next request
@@ -137,7 +137,7 @@ async def _graceful_stop(runner: web.AppRunner, timeout: float) -> None:
         await asyncio.sleep(0.05)
 
 
-async def _sweep_slow_connections(runner: web.AppRunner, timeout: float) -> None:
+async def _sweep_slow_connections(runner: web.BaseRunner, timeout: float) -> None:
     """Close connections that have not delivered a complete request head within ``timeout``.
 
     aiohttp has no header timeout: a slowloris client trickling one byte at a time would hold its

@@ -22,7 +22,7 @@ import pytest
 from aiohttp import web
 
 from edgecache import config as config_mod
-from edgecache.app import create_app
+from edgecache.app import EdgeRunner, create_app
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -51,7 +51,7 @@ class Edge:
     url: str
     host: str
     app: web.Application
-    runner: web.AppRunner
+    runner: EdgeRunner
     config: config_mod.Config
 
     async def stop(self) -> None:
@@ -60,7 +60,7 @@ class Edge:
 
 async def start_edge(cfg: config_mod.Config) -> Edge:
     app = create_app(cfg)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=5)
+    runner = EdgeRunner(app, access_log=None, shutdown_timeout=5)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()

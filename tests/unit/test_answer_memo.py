@@ -7,11 +7,12 @@ from edgecache.answers import Answer, AnswerMemo, MemoKey
 
 
 def key(ref: str, ns: str | None = None, accept: str = "*/*", auth: str = "") -> MemoKey:
-    return (oci.parse_path(f"/v2/library/x/manifests/{ref}"), ns, accept, auth)
+    return (f"/v2/library/x/manifests/{ref}", ns, accept, auth)
 
 
 def answer(body: bytes, expires: float = 10.0, fresh_until: float = 110.0, generation: int = 0) -> Answer:
-    return Answer(expires, fresh_until, generation, {"X-Cache": "HIT"}, body, "sha256:" + "0" * 64, "up", "library/x")
+    return Answer(expires, fresh_until, generation, {"X-Cache": "HIT"}, body, "sha256:" + "0" * 64,
+                  oci.parse_path("/v2/library/x/manifests/v1"), "up", "library/x")
 
 
 def test_answers_end_with_either_clock_and_with_a_new_generation() -> None:

@@ -75,8 +75,15 @@ def create_app(config: Config) -> web.Application:
     app[STATE] = AppState()
     app[PUBLIC_URL] = (config.server.public_url or "").rstrip("/")
     app.cleanup_ctx.append(_lifecycle)
-    app[DISPATCH] = routes.make_dispatch(make_edge(app, metrics, config.server.allow_cidrs, htpasswd,
-                                                   config.server.access_log))
+    dispatch = app[DISPATCH] = routes.make_dispatch(make_edge(app, metrics, config.server.allow_cidrs, htpasswd,
+                                                              config.server.access_log))
+
+    async def routed(request: web.Request) -> web.StreamResponse:
+        return await dispatch(request)
+
+    # Served by another runner (web.AppRunner, TestServer, gunicorn's aiohttp worker), every request still
+    # goes through the dispatcher and its edge, only slower (aiohttp's router first).
+    app.router.add_route("*", r"/{tail:[\s\S]*}", routed)
     return app
 
 

@@ -508,6 +508,7 @@ async def handle_token(request: web.BaseRequest) -> web.StreamResponse:
     if request.method == "POST":
         if request.headers.get("Expect", "").lower() == "100-continue" and request.version >= (1, 1):
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # as aiohttp's router would
+            request.writer.output_size = 0  # the interim answer is not part of the answer's size
         raw = await request.post()
         form = {k: str(v) for k, v in raw.items() if isinstance(v, str)}
         if "scope" in form:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import aiohttp
 import orjson
 import pytest
+from aiohttp import web
 
-from tests.support.edge import EdgeFactory
+from edgecache.app import create_app
+from tests.support.edge import EdgeFactory, make_config
 from tests.support.registry import RegistryProcess
 from tests.support.seed import push_blob
 from tests.support.tap import Tap
@@ -265,3 +268,24 @@ async def test_manifest_over_4_mib_is_refused(edge_factory: EdgeFactory, tap: Ta
         assert (await r.json())["errors"][0]["code"] == "SIZE_INVALID"
     store = edge.app[__import__("edgecache.app", fromlist=["STATE"]).STATE].store
     assert store is not None and not any(p.stat().st_size > 4 * 1024 * 1024 for p in store.blobs.rglob("*") if p.is_file())
+
+
+async def test_the_app_served_by_aiohttps_own_runner_still_answers_through_the_edge(
+        tmp_path: Path, tap: Tap, http: aiohttp.ClientSession) -> None:
+    """edgecache serves through EdgeRunner; an app handed to aiohttp's AppRunner must not answer bare 404s."""
+    app = create_app(make_config(tmp_path / "cache", tap.url))
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=5)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+        async with http.get(f"{url}/v2/") as r:
+            assert r.status == 200 and r.headers["X-Request-Id"] and r.headers["X-Cache"] == "MISS"
+        async with http.get(f"{url}/nope") as r:
+            assert r.status == 404 and r.headers["X-Request-Id"]
+            assert (await r.json())["errors"][0]["code"] == "NOT_FOUND"
+        async with http.get(f"{url}/metrics") as r:
+            assert r.status == 200 and 'route="unmatched"' in await r.text()
+    finally:
+        await runner.cleanup()

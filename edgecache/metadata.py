@@ -42,7 +42,7 @@ PRUNE_BATCH = 100  # keys per executor call while pruning: the hit path waits be
 
 
 def _redis_glob_escape(text: str) -> str:
-    """A literal for a Redis KEYS pattern (``*``, ``?``, ``[``, ``]`` and ``\\`` are special there)."""
+    """A literal for a Redis SCAN MATCH pattern (``*``, ``?``, ``[``, ``]`` and ``\\`` are special there)."""
     return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
 
@@ -326,6 +326,29 @@ class Metadata:
         else:
             await self._write(self.meta.set, "t|" + key, asdict(entry))
 
+    async def add_tag(self, key: str, entry: TagEntry) -> TagEntry:
+        """Write a tag entry only if there is none (a pinned tag: the first writer wins, in every
+        process and every instance sharing the tags); the entry that holds is returned."""
+        held: TagEntry | None = entry
+        if self._shared_tags is not None:
+            try:
+                await self._shared_tags.add("t|" + key, asdict(entry))
+            except ValueError:  # aiocache: the key exists
+                raw = await self._shared_tags.get("t|" + key)
+                held = TagEntry(**raw) if isinstance(raw, dict) else None
+        else:
+            try:
+                if not await self._run(self.meta.add, "t|" + key, asdict(entry)):
+                    raw = await self._run(self.meta.get, "t|" + key)
+                    held = TagEntry(**raw) if isinstance(raw, dict) else None
+            except (sqlite3.OperationalError, diskcache.Timeout) as e:
+                log.warning("index write skipped: %s", e)  # as _write: the front still has the answer
+        if held is None:  # removed between the two calls (a purge): ours stands, as a plain write
+            held = entry
+            await self.set_tag(key, entry)
+        self._tag_front[key] = held
+        return held
+
     async def purge(self, prefix: str) -> int:
         """Drop tag, negative, link and visibility records whose key starts with ``prefix`` (after the kind).
 
@@ -335,11 +358,13 @@ class Metadata:
         n = 0
         if self._shared_tags is not None:
             pattern = _redis_glob_escape(self._shared_tags.build_key("t|" + prefix)) + "*"
-            keys = await self._shared_tags.raw("keys", pattern)
-            for key in keys or []:
-                key = key.decode() if isinstance(key, bytes) else key
-                await self._shared_tags.raw("delete", key)
-                n += 1
+            cursor = 0
+            while True:  # SCAN, not KEYS: a shared Redis is never blocked by one walk over its keyspace
+                cursor, keys = await self._shared_tags.raw("scan", cursor, pattern, 1000)
+                if keys:
+                    n += await self._shared_tags.raw("delete", *keys)
+                if not int(cursor):
+                    break
         # Not _write: a purge that cannot reach the index must fail loudly (the command exits non-zero).
         return n + await self._run(self._purge, prefix)
 

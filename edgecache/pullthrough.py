@@ -376,13 +376,13 @@ class PullThrough:
             return await self._manifest_by_digest(target, Digest.parse(entry.digest), accept)
         flight_key = f"{key}|{target.credential.key}"
         collapsed = self._tags.in_flight(flight_key)
-        result = await self._tags.do(flight_key, lambda: self._revalidate_tag(target, tag, accept, key, entry))
+        result = await self._tags.do(flight_key, lambda: self._revalidate_tag(target, tag, accept, key, entry, pinned))
         if collapsed and result.outcome is not Outcome.STALE:
             return ManifestResult(result.digest, result.media_type, result.data, Outcome.COLLAPSED)
         return result
 
     async def _revalidate_tag(self, target: Target, tag: str, accept: str, key: str,
-                              entry: TagEntry | None) -> ManifestResult:
+                              entry: TagEntry | None, pinned: bool = False) -> ManifestResult:
         try:
             if entry is not None:
                 fresh = await self._head_tag(target, tag, accept, entry)
@@ -394,8 +394,16 @@ class PullThrough:
             if stale is None:
                 raise
             return stale
-        await self.metadata.set_tag(key, TagEntry(result.digest, result.media_type, len(result.data), self.clock()))
-        return result
+        fetched = TagEntry(result.digest, result.media_type, len(result.data), self.clock())
+        if not pinned:
+            await self.metadata.set_tag(key, fetched)
+            return result
+        # A pinned tag is never re-read: if another process pinned it first (the tag moved upstream
+        # between its fetch and ours), serve its digest, so that every process serves one.
+        held = await self.metadata.add_tag(key, fetched)
+        if held.digest == result.digest:
+            return result
+        return await self._manifest_by_digest(target, Digest.parse(held.digest), accept)
 
     async def _head_tag(self, target: Target, tag: str, accept: str, entry: TagEntry) -> ManifestResult | None:
         """Revalidate with one HEAD (free against Docker Hub's pull limit); None when it changed."""

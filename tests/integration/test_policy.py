@@ -102,6 +102,30 @@ async def test_pinned_tag_keeps_its_digest_until_purged(edge_factory: EdgeFactor
     assert (await get(edge, "/v2/team/pinned/manifests/release-1"))[2] == second
 
 
+async def test_two_processes_pinning_a_moving_tag_serve_one_digest(edge_factory: EdgeFactory, tap: Tap,
+                                                                   registry: RegistryProcess, tmp_path: Path) -> None:
+    """A pinned tag is never re-read once held. Two instances over one cache dir (two workers) that both
+    found it absent, while it moved upstream between their fetches, must still settle on one digest:
+    the first one pinned."""
+    cache = tmp_path / "cache"
+    first_edge = await edge_factory(tap.url, cache_dir=cache, tag_ttl="1m", pinned_tags=["team/race:release-*"])
+    second_edge = await edge_factory(tap.url, cache_dir=cache, tag_ttl="1m", pinned_tags=["team/race:release-*"])
+    async with aiohttp.ClientSession() as s:
+        old = (await move_tag(s, registry.url, "team/race", "release-1", salt="old")).digest
+    gate = tap.hold_first(kind="manifest")  # the first instance's fetch waits before reaching the upstream
+    late = asyncio.create_task(get(first_edge, "/v2/team/race/manifests/release-1"))
+    await gate.wait_held()
+    assert (await get(second_edge, "/v2/team/race/manifests/release-1"))[2] == old  # pinned here first
+    async with aiohttp.ClientSession() as s:
+        new = (await move_tag(s, registry.url, "team/race", "release-1", salt="new")).digest
+    gate.release()
+    status, _, digest = await late
+    assert status == 200 and digest == old  # fetched the new digest, but the tag was already pinned
+    assert new != old and len(tap.find(kind="manifest", method="GET")) >= 2  # it really fetched the moved tag
+    for edge in (first_edge, second_edge):
+        assert (await get(edge, "/v2/team/race/manifests/release-1"))[2] == old
+
+
 async def test_a_purge_by_the_command_reaches_a_running_instance(edge_factory: EdgeFactory, tap: Tap,
                                                                 registry: RegistryProcess, tmp_path: Path) -> None:
     """``edgecache purge`` runs in its own process; a running instance must not keep the purged tag in memory."""

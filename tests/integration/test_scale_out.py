@@ -531,3 +531,19 @@ async def test_purge_command_reaches_redis_shared_tags(tmp_path: Path, tap: Any,
         while sha256((await get(http, url, ACCEPT))[1]) != new.digest:
             assert time.monotonic() < deadline
             await asyncio.sleep(0.1)
+
+
+async def test_a_pinned_tag_is_pinned_once_in_redis(tmp_path: Path, tap: Any, edges: list[Edge], redis_url: str) -> None:
+    """Two instances sharing Redis tags that both pin a tag they found absent: the first entry holds for both."""
+    from edgecache.metadata import TagEntry
+
+    held = []
+    key = f"origin|scale/once-{uuid.uuid4().hex[:8]}|release-1|*/*"
+    for i, digest in enumerate(("sha256:" + "1" * 64, "sha256:" + "2" * 64)):
+        cfg = make_config(tmp_path / f"cache{i}", tap.url, name="origin", tag_ttl="1h")
+        edges.append(await start_edge(cfg.replace(redis_url=redis_url)))
+        metadata = edges[-1].app[STATE].metadata
+        assert metadata is not None
+        held.append(await metadata.add_tag(key, TagEntry(digest, "application/vnd.oci.image.manifest.v1+json", 10, 0.0)))
+        assert (await metadata.get_tag(key)) == held[0]
+    assert held[0].digest == held[1].digest == "sha256:" + "1" * 64

@@ -132,7 +132,7 @@ def make_edge(app: web.Application, metrics: Metrics, allow_cidrs: tuple[str, ..
                     log.exception("unhandled error on %s %s", request.method, request.path[:200])
                     ri.error = type(e).__name__
                     resp = render_error(request, errors.OCIError("internal error"))
-                if not resp.prepared:  # a streamed answer was stamped as it started (edgecache.routes)
+                if not resp.prepared:  # a streamed answer was stamped as it started (edgecache.send)
                     stamp(request, resp)
                 status = resp.status
                 return resp

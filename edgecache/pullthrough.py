@@ -1,7 +1,7 @@
 """The pull-through policy: hit, miss, stale, negative, collapse and tenancy checks.
 
 The ``local`` side is the blob store plus the metadata index; the ``remote``
-side is the upstream client. The edge (routes) calls only this module. See
+side is the upstream client. The edge (routes, send) calls only this module. See
 DESIGN.md §2 (Policy, Flight) and §4 (tenancy).
 
 :class:`PullThrough` owns the manifest path itself (by digest, by tag with revalidation, stale

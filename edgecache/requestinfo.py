@@ -37,7 +37,7 @@ def info(request: web.BaseRequest) -> RequestInfo:
 
 def stamp(request: web.BaseRequest, response: web.StreamResponse) -> None:
     """The headers every answer carries, set before its headers go out: by the edge wrapper on the
-    answers handlers return, by :func:`edgecache.routes.start_stream` on the ones they stream."""
+    answers handlers return, by :func:`edgecache.send.start_stream` on the ones they stream."""
     ri = request[INFO]
     headers = response.headers
     headers["X-Request-Id"] = ri.request_id

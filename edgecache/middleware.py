@@ -100,6 +100,8 @@ def make_edge(app: web.Application, metrics: Metrics, allow_cidrs: tuple[str, ..
     monotonic = time.monotonic
 
     def wrap(handler: Handler, route_label: str, methods: tuple[str, ...] | None) -> Handler:
+        guarded = check and route_label not in _PROBES  # probes answer anyone (kubelet, load balancers)
+
         async def edge(request: web.BaseRequest) -> web.StreamResponse:
             # The hot path of every request: keep it to dict and attribute work (metrics are batched).
             rid = request.headers.get("X-Request-Id", "")
@@ -112,7 +114,7 @@ def make_edge(app: web.Application, metrics: Metrics, allow_cidrs: tuple[str, ..
             metrics.active += 1
             try:
                 try:
-                    if check:
+                    if guarded:
                         _check_client(request, networks, htpasswd, auth_cache)
                     if methods is not None and request.method not in methods:
                         raise errors.Unsupported("method not allowed")
@@ -146,6 +148,8 @@ def make_edge(app: web.Application, metrics: Metrics, allow_cidrs: tuple[str, ..
                 else:
                     route, outcome = route_label, None
                 metrics.request_done(route, request.method, status, seconds, outcome)
+                if ri.bytes and ri.source is not None:
+                    metrics.served(ri.source, ri.bytes)
                 if access_logging:
                     _access(request, ri, route, status, seconds)
                 request_id.reset(token)
@@ -156,6 +160,7 @@ def make_edge(app: web.Application, metrics: Metrics, allow_cidrs: tuple[str, ..
 
 
 _CONTENT = frozenset((Kind.MANIFEST, Kind.BLOB))
+_PROBES = ("/healthz", "/readyz")
 
 
 def _http_error(e: web.HTTPException) -> errors.OCIError:
@@ -171,8 +176,6 @@ def _http_error(e: web.HTTPException) -> errors.OCIError:
 
 def _check_client(request: web.BaseRequest, networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network],
                   htpasswd: Htpasswd | None, cache: dict[str, bool]) -> None:
-    if request.path in ("/healthz", "/readyz"):
-        return
     if networks:
         peer = request.remote or ""
         try:

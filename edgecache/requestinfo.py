@@ -19,7 +19,8 @@ class RequestInfo:
     upstream: str | None = None
     repository: str | None = None
     cache: str | None = None  # X-Cache outcome
-    bytes: int = 0
+    bytes: int = 0  # body bytes sent
+    source: str | None = None  # where they came from (cache, upstream): counted by the edge as served bytes
     error: str | None = None
 
 

@@ -114,7 +114,7 @@ def _ctx(request: web.BaseRequest) -> "EdgeContext":
 def _common_headers(request: web.BaseRequest, target: Target, outcome: Outcome) -> dict[str, str]:
     info(request).cache = outcome
     _ctx(request).policy.answered(outcome)
-    h = {"X-Cache": outcome.value, **API_VERSION}
+    h = {"X-Cache": outcome, **API_VERSION}
     if target.cfg.namespaces:
         h["OCI-Namespace"] = target.cfg.namespaces[0]
     return h
@@ -198,8 +198,7 @@ def _document(request: web.BaseRequest, ri: RequestInfo, ctx: "EdgeContext", hea
     if request.method == "HEAD":
         ri.bytes = 0
         return web.Response(status=200, headers={**headers, "Content-Length": str(len(body))})
-    ri.bytes = len(body)
-    ctx.count_bytes(source, ri.bytes)
+    ri.bytes, ri.source = len(body), source
     return web.Response(status=200, body=body, headers=headers)
 
 
@@ -210,21 +209,19 @@ async def _blob(request: web.BaseRequest, policy: PullThrough, target: Target, d
         headers = _common_headers(request, target, result.outcome)
         headers.update({"Docker-Content-Digest": result.digest, "Content-Type": oci.OCTET_STREAM,
                         "Accept-Ranges": "bytes"})
-        count_bytes = _ctx(request).count_bytes
         if result.fd is not None:
-            return await send_file(request, result, rng, headers, count_bytes)
+            return await send_file(request, result, rng, headers)
         if request.method == "HEAD" or (result.source is None and result.direct is None):
             if result.size is not None:
                 headers["Content-Length"] = str(result.size)
             info(request).bytes = 0
             return web.Response(status=200, headers=headers)
         if result.direct is not None:
-            return await relay(request, result, headers, count_bytes)
+            return await relay(request, result, headers)
         byte_range = rng.resolve(result.size) if rng is not None and result.size is not None else None
         if byte_range is not None and policy.far_ahead(result, byte_range.start):
-            return await send_direct(request, policy, target, digest, byte_range, result.size or 0, headers,
-                                     count_bytes)
-        return await send_flight(request, result, rng, headers, count_bytes)
+            return await send_direct(request, policy, target, digest, byte_range, result.size or 0, headers)
+        return await send_flight(request, result, rng, headers)
     finally:
         result.release()
 
@@ -285,9 +282,7 @@ def _rewrite_link(request: web.BaseRequest, target: Target, link: str) -> str:
 async def handle_token(request: web.BaseRequest) -> web.StreamResponse:
     """Our token endpoint (passthrough): relay the client's credentials to the upstream realm."""
     ctx = _ctx(request)
-    name = request.raw_path.partition("?")[0][len(TOKEN_PATH):]  # one segment (the dispatcher checked)
-    if "%" in name:  # one spelling only, as for /v2/ (no encoded aliases)
-        raise errors.NotFound("not found")
+    name = request.raw_path.partition("?")[0][len(TOKEN_PATH):]  # one plain segment (the dispatcher checked)
     client = ctx.router.clients.get(name)
     if client is None or client.cfg.auth != "passthrough":
         raise errors.NameUnknown(f"no passthrough upstream named {name!r}", detail={"upstream": name})
@@ -364,10 +359,6 @@ class EdgeContext:
         self.readiness = readiness
         self.refresh_gauges = refresh
 
-    def count_bytes(self, source: str, n: int) -> None:
-        if n:
-            self.metrics.served(source, n)
-
 
 CTX = web.AppKey("edge", EdgeContext)
 
@@ -409,7 +400,7 @@ def make_dispatch(wrap: Wrap) -> Handler:
         handler = fixed.get(path)
         if handler is None:
             name = path[len(TOKEN_PATH):] if path.startswith(TOKEN_PATH) else ""
-            if name and "/" not in name:
+            if name and "/" not in name and "%" not in name:  # one spelling only, as for /v2/
                 handler = token
             else:
                 handler = unmatched

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Callable
 
 from aiohttp import web
 
@@ -23,8 +22,6 @@ from .upstream import UpstreamResponse
 
 SPAN_READ = 1 << 20
 
-Count = Callable[[str, int], None]  # the edge's byte counter (EdgeContext.count_bytes): source, bytes served
-
 
 async def start_stream(request: web.BaseRequest, resp: web.StreamResponse) -> None:
     """Send a streamed answer's headers, with the ones every answer carries."""
@@ -33,7 +30,7 @@ async def start_stream(request: web.BaseRequest, resp: web.StreamResponse) -> No
 
 
 async def send_file(request: web.BaseRequest, result: BlobResult, rng: oci.RangeSpec | None,
-                    headers: dict[str, str], count_bytes: Count) -> web.StreamResponse:
+                    headers: dict[str, str]) -> web.StreamResponse:
     """A hit: the committed file's descriptor, sent with sendfile (Range, If-Range, If-None-Match).
 
     The strong validator is the digest itself: the bytes behind a digest never change.
@@ -60,8 +57,7 @@ async def send_file(request: web.BaseRequest, result: BlobResult, rng: oci.Range
     if request.method == "HEAD":
         headers["Content-Length"] = str(length)
         return web.Response(status=status, headers=headers)
-    ri.bytes = length
-    count_bytes("cache", length)
+    ri.bytes, ri.source = length, "cache"
     transport = request.transport
     if transport is not None and transport.get_extra_info("sslcontext") is not None:
         return await _send_file_tls(request, result.fd, start, length, status, headers)
@@ -89,7 +85,7 @@ def _etag_listed(header: str, etag: str) -> bool:
 
 
 async def send_flight(request: web.BaseRequest, result: BlobResult, rng: oci.RangeSpec | None,
-                      headers: dict[str, str], count_bytes: Count) -> web.StreamResponse:
+                      headers: dict[str, str]) -> web.StreamResponse:
     """A fill in progress: stream spans of the growing file as they land; cut the stream on failure."""
     assert result.source is not None and result.open_partial is not None
     start, end, status = 0, None, 200
@@ -122,33 +118,31 @@ async def send_flight(request: web.BaseRequest, result: BlobResult, rng: oci.Ran
         return resp
     finally:
         sender.close()
-        info(request).bytes = sent
-        count_bytes("upstream", sent)
+        ri = info(request)
+        ri.bytes, ri.source = sent, "upstream"
     await resp.write_eof()
     return resp
 
 
-async def relay(request: web.BaseRequest, result: BlobResult, headers: dict[str, str],
-                count_bytes: Count) -> web.StreamResponse:
+async def relay(request: web.BaseRequest, result: BlobResult, headers: dict[str, str]) -> web.StreamResponse:
     """Disk full: the upstream body straight to the client (a short body is cut, never padded)."""
     assert result.direct is not None
-    return await _stream_upstream(request, result.direct, 200, result.size, headers, count_bytes)
+    return await _stream_upstream(request, result.direct, 200, result.size, headers)
 
 
 async def send_direct(request: web.BaseRequest, policy: PullThrough, target: Target, digest: oci.Digest,
-                      byte_range: oci.ByteRange, size: int, headers: dict[str, str],
-                      count_bytes: Count) -> web.StreamResponse:
+                      byte_range: oci.ByteRange, size: int, headers: dict[str, str]) -> web.StreamResponse:
     """A range far beyond the download position: relay it from upstream directly."""
     upstream = await policy.direct_range(target, digest, byte_range.start, byte_range.end)
     headers["Content-Range"] = byte_range.content_range(size)
     try:
-        return await _stream_upstream(request, upstream, 206, byte_range.length, headers, count_bytes)
+        return await _stream_upstream(request, upstream, 206, byte_range.length, headers)
     finally:
         upstream.release()
 
 
 async def _stream_upstream(request: web.BaseRequest, upstream: UpstreamResponse, status: int, length: int | None,
-                           headers: dict[str, str], count_bytes: Count) -> web.StreamResponse:
+                           headers: dict[str, str]) -> web.StreamResponse:
     """Relay an upstream body as it comes; an interrupted one cuts the client's connection."""
     resp = web.StreamResponse(status=status, headers=headers)
     if length is not None:
@@ -167,8 +161,8 @@ async def _stream_upstream(request: web.BaseRequest, upstream: UpstreamResponse,
         info(request).error = "client disconnected"
         return resp
     finally:
-        info(request).bytes = sent
-        count_bytes("upstream", sent)
+        ri = info(request)
+        ri.bytes, ri.source = sent, "upstream"
     await resp.write_eof()
     return resp
 

@@ -62,9 +62,7 @@ async def purge(cfg: Config, args: argparse.Namespace) -> int:
 def _stored_name(cfg: Config, upstream: str, name: str) -> str:
     """The repository as the index names it: ``nginx`` on a Docker Hub-style upstream is ``library/nginx``."""
     up = next((u for u in cfg.upstreams if u.name == upstream), None)
-    if up is not None and up.library_prefix and "/" not in name:
-        return "library/" + name
-    return name
+    return up.repository(name) if up is not None else name
 
 
 def _wipe(store: BlobStore) -> None:

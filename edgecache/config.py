@@ -104,6 +104,10 @@ class UpstreamConfig:
     def host(self) -> str:
         return urlsplit(self.url).netloc
 
+    def repository(self, name: str) -> str:
+        """The repository as this upstream names it: ``nginx`` on Docker Hub is ``library/nginx``."""
+        return "library/" + name if self.library_prefix and "/" not in name else name
+
     def ttl_for(self, repo: str, tag: str) -> float:
         ref = f"{repo}:{tag}"
         for rule in self.tag_ttls:

@@ -75,9 +75,7 @@ class Router:
             else:
                 raise errors.NameUnknown(f"no upstream for {name!r}: no ns, no known prefix and no default upstream",
                                          detail={"name": name})
-        if client.cfg.library_prefix and "/" not in name:
-            name = "library/" + name
-        return client, name
+        return client, client.cfg.repository(name)
 
     def upstream_for_base(self, ns: str | None, name: str | None = None) -> UpstreamClient | None:
         if ns is not None:

@@ -314,13 +314,16 @@ class Metadata:
         raw = await self._run(self.meta.get, "t|" + key)
         entry = TagEntry(**raw) if isinstance(raw, dict) else None
         if entry is not None:
-            self._tag_front[key] = entry
+            self._front_tag(key, entry)
         return entry
 
-    async def set_tag(self, key: str, entry: TagEntry) -> None:
+    def _front_tag(self, key: str, entry: TagEntry) -> None:
         if len(self._tag_front) > 100_000:
             self._tag_front.clear()
         self._tag_front[key] = entry
+
+    async def set_tag(self, key: str, entry: TagEntry) -> None:
+        self._front_tag(key, entry)
         if self._shared_tags is not None:
             await self._shared_tags.set("t|" + key, asdict(entry))
         else:
@@ -329,24 +332,24 @@ class Metadata:
     async def add_tag(self, key: str, entry: TagEntry) -> TagEntry:
         """Write a tag entry only if there is none (a pinned tag: the first writer wins, in every
         process and every instance sharing the tags); the entry that holds is returned."""
-        held: TagEntry | None = entry
+        added = True
         if self._shared_tags is not None:
             try:
                 await self._shared_tags.add("t|" + key, asdict(entry))
             except ValueError:  # aiocache: the key exists
-                raw = await self._shared_tags.get("t|" + key)
-                held = TagEntry(**raw) if isinstance(raw, dict) else None
+                added = False
         else:
             try:
-                if not await self._run(self.meta.add, "t|" + key, asdict(entry)):
-                    raw = await self._run(self.meta.get, "t|" + key)
-                    held = TagEntry(**raw) if isinstance(raw, dict) else None
+                added = await self._run(self.meta.add, "t|" + key, asdict(entry))
             except (sqlite3.OperationalError, diskcache.Timeout) as e:
                 log.warning("index write skipped: %s", e)  # as _write: the front still has the answer
-        if held is None:  # removed between the two calls (a purge): ours stands, as a plain write
-            held = entry
+        if added:
+            self._front_tag(key, entry)
+            return entry
+        held = await self.get_tag(key, cached=False)  # the winner's
+        if held is None:  # removed since (a purge): ours stands
             await self.set_tag(key, entry)
-        self._tag_front[key] = held
+            return entry
         return held
 
     async def purge(self, prefix: str) -> int:

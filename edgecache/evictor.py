@@ -26,7 +26,6 @@ class Evictor:
         self.high, self.low = int(max_size * high), int(max_size * low)
         self._spawn = spawn
         self._lock = asyncio.Lock()
-        self._reserved = 0
         self._kicked = False
 
     def kick(self) -> None:

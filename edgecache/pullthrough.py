@@ -34,7 +34,7 @@ from .metrics import Metrics
 from .oci import Digest
 from .policy import Blocklist, Scanner
 from .results import BlobResult as BlobResult, ManifestResult as ManifestResult, Outcome as Outcome
-from .results import Target as Target, unauthorized as unauthorized, upstream_failure as upstream_failure
+from .results import Target as Target, upstream_failure
 from .storage import BlobStore
 from .tenancy import Tenancy
 from .upstream import UpstreamClient, UpstreamResponse
@@ -51,11 +51,7 @@ class PullThrough:
     def __init__(self, store: BlobStore, metadata: Metadata, flights: Flights, access: BaseCache,
                  metrics: Metrics, evictor: Evictor, clock: Callable[[], float] = time.time) -> None:
         self.store = store
-        self.hot = evictor.hot  # the evictor closes what it evicts
         self.metadata = metadata
-        self.flights = flights
-        self.access = access  # (upstream, repo, credential key) -> confirmed, with a TTL
-        self.metrics = metrics
         self.evictor = evictor
         self.clock = clock
         self.blocklist = Blocklist(None)
@@ -70,15 +66,6 @@ class PullThrough:
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
-
-    # tenancy ------------------------------------------------------------------
-    async def authorize_cached(self, target: Target, kind: oci.Kind, digest: str, accept: str | None = None) -> None:
-        """Decide whether ``target`` may read cached ``digest``, asking upstream only when we must."""
-        await self.tenancy.authorize_cached(target, kind, digest, accept)
-
-    async def authorize_cached_offline(self, target: Target, digest: str) -> None:
-        """With upstream down, serve only what this credential was already shown (public, or confirmed)."""
-        await self.tenancy.authorize_cached_offline(target, digest)
 
     # manifests ------------------------------------------------------------------
     async def manifest(self, target: Target, ref: oci.Reference, accept: str) -> ManifestResult:
@@ -140,7 +127,7 @@ class PullThrough:
     async def _manifest_by_digest(self, target: Target, digest: Digest, accept: str) -> ManifestResult:
         cached = await self._cached_manifest(str(digest))
         if cached is not None:
-            await self.authorize_cached(target, oci.Kind.MANIFEST, str(digest), accept)
+            await self.tenancy.authorize_cached(target, oci.Kind.MANIFEST, str(digest), accept)
             return ManifestResult(str(digest), cached[1], cached[0], Outcome.HIT)
         key = f"{target.upstream.name}|{target.repo}|{digest}|{target.credential.key}"
         collapsed = self._manifests.in_flight(key)
@@ -230,7 +217,7 @@ class PullThrough:
         if entry is not None and (pinned or now - entry.fetched_at < ttl):
             cached = await self._cached_manifest(entry.digest)
             if cached is not None:
-                await self.authorize_cached(target, oci.Kind.MANIFEST, entry.digest, accept)
+                await self.tenancy.authorize_cached(target, oci.Kind.MANIFEST, entry.digest, accept)
                 # Shared (Redis) tags can be moved by another instance at any moment: never replayed.
                 fresh_until = now if self.metadata.shared_tags else math.inf if pinned else entry.fetched_at + ttl
                 return ManifestResult(entry.digest, cached[1], cached[0], Outcome.HIT, fresh_until)
@@ -292,7 +279,7 @@ class PullThrough:
         cached = await self._cached_manifest(entry.digest)
         if cached is None:
             return None
-        await self.authorize_cached_offline(target, entry.digest)
+        await self.tenancy.authorize_cached_offline(target, entry.digest)
         log.warning("serving stale tag %s/%s:%s (%s): %s", target.upstream.name, target.repo, tag,
                     entry.digest, why)
         return ManifestResult(entry.digest, cached[1], cached[0], Outcome.STALE)
@@ -308,11 +295,6 @@ class PullThrough:
     async def direct_range(self, target: Target, digest: Digest, start: int, end: int) -> UpstreamResponse:
         """Fetch a range straight from upstream (not cached; the flight fills the cache)."""
         return await self.blobs.direct_range(target, digest, start, end)
-
-    @property
-    def _starting(self) -> dict[str, asyncio.Future[None]]:
-        """Per-digest lead decisions in progress (see :meth:`Blobs.blob`)."""
-        return self.blobs._starting
 
     # listings and tokens ----------------------------------------------------------
     async def listing(self, target: Target, kind: oci.Kind, path: str, query: dict[str, str], accept: str,

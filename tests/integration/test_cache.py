@@ -242,7 +242,7 @@ async def test_blob_gone_from_disk_is_a_miss_not_a_404(edge_factory: EdgeFactory
         assert r.status == 200 and r.headers["X-Cache"] == "HIT" and await r.read() == registry.seeded.blobs[digest]
     policy = edge.app[STATE].policy
     assert policy is not None
-    assert policy.hot.sweep() == 1  # what the sweep task does every few seconds: the unlinked file is let go
+    assert policy.blobs.hot.sweep() == 1  # what the sweep task does every few seconds: the unlinked file is let go
     assert tap.count() == 0
     async with http.head(url) as r:
         assert r.status == 200 and int(r.headers["Content-Length"]) == len(registry.seeded.blobs[digest])

@@ -117,13 +117,13 @@ async def assert_edge_settled(edge: Edge, timeout: float = 10.0) -> None:
                 and not any(state.store.tmp.iterdir())  # type: ignore[union-attr]
                 and metrics.active == 0
                 and metrics.flights._value.get() == 0  # noqa: SLF001
-                and state.policy is not None and not state.policy._starting)  # noqa: SLF001 - per-digest start locks must not pile up
+                and state.policy is not None and not state.policy.blobs._starting)  # noqa: SLF001 - per-digest start locks must not pile up
 
     def describe() -> str:
         return (f"tasks {sorted(t.get_name() for t in tasks.pending())}, flights {len(state.flights or [])}, "
                 f"tmp {sorted(p.name for p in state.store.tmp.iterdir())}, "  # type: ignore[union-attr]
                 f"in_progress {metrics.active}, flights gauge {metrics.flights._value.get()}, "  # noqa: SLF001
-                f"start locks {list(state.policy._starting)}")  # type: ignore[union-attr]  # noqa: SLF001
+                f"start locks {list(state.policy.blobs._starting)}")  # type: ignore[union-attr]  # noqa: SLF001
 
     await poll(ok, timeout, describe)
 

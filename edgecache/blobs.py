@@ -36,6 +36,13 @@ MAX_RESUMES = 3
 DIRECT_RANGE_GAP = 64 << 20
 
 
+async def _request(target: Target, digest: Digest, method: str = "GET",
+                   headers: dict[str, str] | None = None) -> UpstreamResponse:
+    """The blob from ``target``'s upstream, with the client's credential and the repository's pull scope."""
+    return await target.upstream.request(method, f"/v2/{target.repo}/blobs/{digest}", scope=target.scope,
+                                         credential=target.credential, headers=headers)
+
+
 def _hit(key: str, fd: int, size: int) -> BlobResult:
     return BlobResult(key, size, oci.OCTET_STREAM, Outcome.HIT, fd=fd, release=lambda: os.close(fd))
 
@@ -152,14 +159,11 @@ class Blobs:
 
     async def _straight_through(self, target: Target, digest: Digest) -> BlobResult:
         """No room on disk: relay the upstream body to this client, verified by nobody but the client."""
-        resp = await target.upstream.request("GET", f"/v2/{target.repo}/blobs/{digest}", scope=target.scope,
-                                             credential=target.credential)
+        resp = await _request(target, digest)
         if resp.status != 200:
             resp.release()
             raise upstream_failure(resp, target, oci.Kind.BLOB, str(digest))
-        length = resp.headers.get("Content-Length")
-        return BlobResult(str(digest), int(length) if length and length.isdigit() else None, oci.OCTET_STREAM,
-                          Outcome.MISS, direct=resp, release=resp.release)
+        return BlobResult(str(digest), resp.length, oci.OCTET_STREAM, Outcome.MISS, direct=resp, release=resp.release)
 
     def far_ahead(self, result: BlobResult, start: int) -> bool:
         """Is a Range start so far past the download position that waiting would be silly?"""
@@ -167,22 +171,18 @@ class Blobs:
 
     async def direct_range(self, target: Target, digest: Digest, start: int, end: int) -> UpstreamResponse:
         """Fetch a range straight from upstream (not cached; the flight fills the cache)."""
-        resp = await target.upstream.request("GET", f"/v2/{target.repo}/blobs/{digest}", scope=target.scope,
-                                             credential=target.credential, headers={"Range": f"bytes={start}-{end}"})
+        resp = await _request(target, digest, headers={"Range": f"bytes={start}-{end}"})
         if resp.status != 206:
             resp.release()
             raise errors.UpstreamError(f"upstream {target.upstream.name} answered {resp.status} to a range request")
         return resp
 
     async def _head_blob(self, target: Target, digest: Digest) -> BlobResult:
-        resp = await target.upstream.request("HEAD", f"/v2/{target.repo}/blobs/{digest}", scope=target.scope,
-                                             credential=target.credential)
+        resp = await _request(target, digest, "HEAD")
         resp.release()
         if resp.status != 200:
             raise upstream_failure(resp, target, oci.Kind.BLOB, str(digest))
-        length = resp.headers.get("Content-Length")
-        return BlobResult(str(digest), int(length) if length and length.isdigit() else None,
-                          oci.OCTET_STREAM, Outcome.MISS)
+        return BlobResult(str(digest), resp.length, oci.OCTET_STREAM, Outcome.MISS)
 
     async def _follow(self, target: Target, flight: Flight, digest: Digest) -> BlobResult:
         up, repo, cred_key = flight.origin
@@ -325,15 +325,13 @@ class Blobs:
                 self.metrics.flights.dec()
 
         try:
-            resp = await target.upstream.request("GET", f"/v2/{target.repo}/blobs/{digest}", scope=target.scope,
-                                                 credential=target.credential)
+            resp = await _request(target, digest)
             if resp.status != 200:
                 resp.release()
                 await release(abort=False)
                 flight.fail(upstream_failure(resp, target, oci.Kind.BLOB, key))
                 return
-            length = resp.headers.get("Content-Length")
-            size = int(length) if length and length.isdigit() else None
+            size = resp.length
             await asyncio.gather(  # independent bookkeeping: do it at once, headers are waiting on it
                 self.metadata.add_link(target.upstream.name, target.repo, key),
                 self.tenancy.remember_access(target, f"/v2/{target.repo}/blobs/{digest}"),
@@ -383,9 +381,7 @@ class Blobs:
                 resp.release()
             resumes += 1
             log.info("resuming %s from byte %d (attempt %d)", digest, flight.written, resumes)
-            resp = await target.upstream.request("GET", f"/v2/{target.repo}/blobs/{digest}", scope=target.scope,
-                                                 credential=target.credential,
-                                                 headers={"Range": f"bytes={flight.written}-"})
+            resp = await _request(target, digest, headers={"Range": f"bytes={flight.written}-"})
             if resp.status != 206 or not resp.headers.get("Content-Range", "").startswith(f"bytes {flight.written}-"):
                 resp.release()
                 raise errors.UpstreamError(f"upstream {target.upstream.name} cannot resume {digest}")

@@ -99,6 +99,12 @@ class UpstreamResponse:
         self.status = resp.status
         self.headers = resp.headers
 
+    @property
+    def length(self) -> int | None:
+        """The declared body length; None when absent or not a plain number."""
+        value = self.headers.get("Content-Length")
+        return int(value) if value and value.isdigit() else None
+
     async def read(self, limit: int) -> bytes:
         """Read the whole body, refusing more than ``limit`` bytes."""
         declared = self._resp.content_length

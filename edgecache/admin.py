@@ -22,7 +22,7 @@ async def purge(cfg: Config, args: argparse.Namespace) -> int:
 
     Running instances notice a ``--tag``/``--repo`` purge within a couple of seconds (the index's purge
     counter, read with the access-time flush) and forget what they remember of tags and links.
-    ``--all`` removes the cache directory's contents: stop the instances first.
+    ``--all`` removes the cache directory's contents (not Redis-shared tags): stop the instances first.
     """
     root = Path(cfg.cache.dir)
     if args.all:

@@ -186,7 +186,7 @@ class PullThrough:
     @property
     def generation(self) -> int:
         """Changes whenever an answer may change without its TTL running out: a blocklist reload, a purge
-        in this process (``edgecache purge`` runs in its own; replayed answers live a second at most)."""
+        (in this process, or by ``edgecache purge``, noticed through the index's purge counter)."""
         self.blocklist.maybe_reload()  # replayed answers skip check(): look at the file on its schedule
         return self.blocklist.generation + self.metadata.generation
 

@@ -61,7 +61,6 @@ class Tenancy:
     async def authorize_cached(self, target: Target, kind: oci.Kind, digest: str, accept: str | None = None) -> None:
         """Decide whether ``target`` may read cached ``digest``, asking upstream only when we must."""
         up, repo = target.upstream.name, target.repo
-        path = f"/v2/{repo}/{'blobs' if kind is oci.Kind.BLOB else 'manifests'}/{digest}"
         linked = await self.metadata.has_link(up, repo, digest)
         if linked and target.cfg.auth != "passthrough":
             return
@@ -74,6 +73,7 @@ class Tenancy:
                 return
             if cred.anonymous and visibility == "private":
                 raise unauthorized(target)
+        path = f"/v2/{repo}/{'blobs' if kind is oci.Kind.BLOB else 'manifests'}/{digest}"  # only asked now
         headers = {"Accept": accept} if accept else {}
         resp = await target.upstream.request("HEAD", path, scope=target.scope, credential=target.credential,
                                              headers=headers)
